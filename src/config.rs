@@ -1,0 +1,183 @@
+//! `/etc/swtpm-keeper/swtpm-keeper.conf` (TOML). Every system path the
+//! program touches is a key here, so tests run against a fixture tree.
+//! `SWTPM_KEEPER_CONFIG` names another file (libvirt does not pass the
+//! environment to hooks, so this is for tests and the CLI).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_PATH: &str = "/etc/swtpm-keeper/swtpm-keeper.conf";
+pub const ENV_VAR: &str = "SWTPM_KEEPER_CONFIG";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where generations are kept: `<store_dir>/<uuid>/<generation>/`.
+    pub store_dir: PathBuf,
+    /// libvirt's swtpm state root (`<swtpm_dir>/<uuid>/tpm2`).
+    pub swtpm_dir: PathBuf,
+    /// libvirt's persistent domain definitions (`<name>.xml`).
+    pub libvirt_config_dir: PathBuf,
+    /// How many distinct states to keep per VM (at least 1).
+    pub generations: u32,
+    /// Seconds to wait for a VM's lock before giving up.
+    pub lock_timeout: f64,
+    /// Largest file (TPM state, NVRAM) accepted, in bytes.
+    pub max_file_size: u64,
+    /// The syslog socket; stderr is used when it cannot be reached.
+    pub syslog_socket: PathBuf,
+    pub log_level: LogLevel,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            store_dir: "/var/lib/swtpm-keeper".into(),
+            swtpm_dir: "/var/lib/libvirt/swtpm".into(),
+            libvirt_config_dir: "/etc/libvirt/qemu".into(),
+            generations: 10,
+            lock_timeout: 10.0,
+            max_file_size: 64 << 20,
+            syslog_socket: "/dev/log".into(),
+            log_level: LogLevel::Info,
+        }
+    }
+}
+
+/// The file to read: `$SWTPM_KEEPER_CONFIG` or the default.
+pub fn path_from_env() -> PathBuf {
+    match std::env::var_os(ENV_VAR) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+impl Config {
+    /// Load `path`; a missing file means the defaults.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(e) => return Err(Error::io("read configuration", path, e)),
+        };
+        Config::parse(&text).map_err(|e| e.context(format!("configuration {}", path.display())))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let c: Config = basic_toml::from_str(text).map_err(|e| Error::usage(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(Error::usage(format!("key `{key}`: {why}")));
+        for (key, p) in [
+            ("store_dir", &self.store_dir),
+            ("swtpm_dir", &self.swtpm_dir),
+            ("libvirt_config_dir", &self.libvirt_config_dir),
+            ("syslog_socket", &self.syslog_socket),
+        ] {
+            if !p.is_absolute() {
+                return bad(key, "must be an absolute path");
+            }
+        }
+        if self.generations < 1 {
+            return bad(
+                "generations",
+                "must be at least 1 (the newest state is always kept)",
+            );
+        }
+        if !(self.lock_timeout > 0.0 && self.lock_timeout <= 300.0) {
+            return bad(
+                "lock_timeout",
+                "must be more than 0 and at most 300 seconds (libvirtd waits for the hook)",
+            );
+        }
+        if self.max_file_size < 1024 {
+            return bad("max_file_size", "must be at least 1024 bytes");
+        }
+        Ok(())
+    }
+
+    pub fn lock_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.lock_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.store_dir, PathBuf::from("/var/lib/swtpm-keeper"));
+        assert_eq!(c.generations, 10);
+    }
+
+    #[test]
+    fn shipped_example_is_valid_and_matches_defaults() {
+        let text = include_str!("../packaging/swtpm-keeper.conf");
+        let c = Config::parse(text).unwrap();
+        let d = Config::default();
+        assert_eq!(c.store_dir, d.store_dir);
+        assert_eq!(c.generations, d.generations);
+        assert_eq!(c.lock_timeout, d.lock_timeout);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::parse("generations = 0").unwrap_err().to_string();
+        assert!(e.contains("`generations`"), "{e}");
+        let e = Config::parse("stor_dir = \"/x\"").unwrap_err().to_string();
+        assert!(e.contains("stor_dir"), "{e}");
+        let e = Config::parse("generations = \"many\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("generations"), "{e}");
+        let e = Config::parse("store_dir = \"relative\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`store_dir`"), "{e}");
+        let e = Config::parse("log_level = \"loud\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loud"), "{e}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("swk-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.conf");
+        std::fs::write(&p, "generations = -3\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()), "{e}");
+        assert!(Config::load(&dir.join("missing.conf")).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

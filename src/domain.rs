@@ -1,0 +1,389 @@
+//! The domain XML libvirt gives the hook on stdin: read only what the hook
+//! needs (name, UUID, the emulator TPM, the UEFI vars file) and validate it,
+//! since names and paths end up in file paths and log lines.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Domain XML is a few KiB; libvirt itself refuses documents over 10 MiB
+/// (VIR_DOMAIN_XML_MAX is not that large either). Anything larger is not
+/// from libvirt.
+pub const MAX_XML_BYTES: usize = 4 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TpmVersion {
+    V1_2,
+    V2_0,
+}
+
+impl TpmVersion {
+    /// The directory libvirt uses under `<swtpm_dir>/<uuid>/`.
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            TpmVersion::V1_2 => "tpm1.2",
+            TpmVersion::V2_0 => "tpm2",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TpmVersion::V1_2 => "1.2",
+            TpmVersion::V2_0 => "2.0",
+        }
+    }
+
+    /// swtpm's file name prefix for this version: `tpm2-00.permall`.
+    pub fn file_prefix(self) -> &'static str {
+        match self {
+            TpmVersion::V1_2 => "tpm-00.",
+            TpmVersion::V2_0 => "tpm2-00.",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "1.2" => Some(TpmVersion::V1_2),
+            "2.0" => Some(TpmVersion::V2_0),
+            _ => None,
+        }
+    }
+}
+
+/// Where libvirt (10.10+) was told to keep the state, overriding the default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateSource {
+    Dir(PathBuf),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tpm {
+    pub model: String,
+    pub version: TpmVersion,
+    pub encryption_secret: Option<String>,
+    pub source: Option<StateSource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Domain {
+    pub name: String,
+    pub uuid: String,
+    /// The emulator TPM, if the domain has one.
+    pub tpm: Option<Tpm>,
+    /// The UEFI variable store (`<os><nvram>`), when it is a local file.
+    pub nvram: Option<PathBuf>,
+    pub nvram_template: Option<String>,
+}
+
+// --- serde mirror of the parts of the document we read ---
+
+#[derive(Deserialize)]
+struct XDomain {
+    name: Option<String>,
+    uuid: Option<String>,
+    os: Option<XOs>,
+    devices: Option<XDevices>,
+}
+
+#[derive(Deserialize)]
+struct XOs {
+    nvram: Option<XNvram>,
+}
+
+#[derive(Deserialize)]
+struct XNvram {
+    #[serde(rename = "@template")]
+    template: Option<String>,
+    #[serde(rename = "@type")]
+    kind: Option<String>,
+    #[serde(rename = "$text")]
+    text: Option<String>,
+    source: Option<XNvramSource>,
+}
+
+#[derive(Deserialize)]
+struct XNvramSource {
+    #[serde(rename = "@file")]
+    file: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct XDevices {
+    #[serde(default)]
+    tpm: Vec<XTpm>,
+}
+
+#[derive(Deserialize)]
+struct XTpm {
+    #[serde(rename = "@model")]
+    model: Option<String>,
+    backend: Option<XBackend>,
+}
+
+#[derive(Deserialize)]
+struct XBackend {
+    #[serde(rename = "@type")]
+    kind: Option<String>,
+    #[serde(rename = "@version")]
+    version: Option<String>,
+    encryption: Option<XEncryption>,
+    source: Option<XSource>,
+}
+
+#[derive(Deserialize)]
+struct XEncryption {
+    #[serde(rename = "@secret")]
+    secret: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct XSource {
+    #[serde(rename = "@type")]
+    kind: Option<String>,
+    #[serde(rename = "@path")]
+    path: Option<String>,
+}
+
+/// libvirt prints UUIDs in lower case 8-4-4-4-12 form; anything else is
+/// refused, which also keeps `/` and `..` out of store paths.
+pub fn valid_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            8 | 13 | 18 | 23 => c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+pub fn normalize_uuid(s: &str) -> Option<String> {
+    let s = s.trim();
+    valid_uuid(s).then(|| s.to_ascii_lowercase())
+}
+
+fn abs_path(what: &str, p: &str) -> Result<PathBuf> {
+    let p = p.trim();
+    if p.is_empty() || !p.starts_with('/') || p.contains('\0') {
+        return Err(Error::failed(format!(
+            "{what} path {p:?} is not an absolute path"
+        )));
+    }
+    Ok(PathBuf::from(p))
+}
+
+impl Domain {
+    pub fn parse(xml: &[u8]) -> Result<Domain> {
+        if xml.len() > MAX_XML_BYTES {
+            return Err(Error::failed(format!(
+                "domain XML is {} bytes, over the limit of {MAX_XML_BYTES}",
+                xml.len()
+            )));
+        }
+        let text = std::str::from_utf8(xml)
+            .map_err(|e| Error::failed(format!("domain XML is not UTF-8: {e}")))?;
+        if text.contains("<!DOCTYPE") || text.contains("<!ENTITY") {
+            // libvirt never emits a DTD; refusing it rules out entity tricks.
+            return Err(Error::failed(
+                "domain XML has a DOCTYPE; libvirt never sends one",
+            ));
+        }
+        let d: XDomain = quick_xml::de::from_str(text)
+            .map_err(|e| Error::failed(format!("cannot read domain XML: {e}")))?;
+
+        let name = d
+            .name
+            .ok_or_else(|| Error::failed("domain XML has no <name>"))?;
+        let name = name.trim().to_owned();
+        if name.is_empty() || name.contains('/') || name.len() > 1024 {
+            return Err(Error::failed(format!(
+                "domain XML has an unusable <name> {name:?}"
+            )));
+        }
+        let raw_uuid = d
+            .uuid
+            .ok_or_else(|| Error::failed("domain XML has no <uuid>"))?;
+        let uuid = normalize_uuid(&raw_uuid).ok_or_else(|| {
+            Error::failed(format!("domain XML has an invalid <uuid> {raw_uuid:?}"))
+        })?;
+
+        let mut tpm = None;
+        for t in d.devices.map(|d| d.tpm).unwrap_or_default() {
+            let Some(b) = t.backend else { continue };
+            if b.kind.as_deref() != Some("emulator") {
+                // passthrough/external TPMs keep no state libvirt manages.
+                continue;
+            }
+            let version = match b.version.as_deref() {
+                Some(v) => TpmVersion::parse(v.trim()).ok_or_else(|| {
+                    Error::failed(format!("emulator TPM has unknown version {v:?}"))
+                })?,
+                None => {
+                    return Err(Error::failed(
+                        "emulator TPM has no version attribute (libvirt always sets one)",
+                    ))
+                }
+            };
+            let encryption_secret = match b.encryption.and_then(|e| e.secret) {
+                Some(s) => Some(normalize_uuid(&s).ok_or_else(|| {
+                    Error::failed(format!("TPM encryption secret {s:?} is not a UUID"))
+                })?),
+                None => None,
+            };
+            let source = match b.source {
+                None => None,
+                Some(s) => {
+                    let path = s
+                        .path
+                        .ok_or_else(|| Error::failed("TPM <source> has no path"))?;
+                    match s.kind.as_deref() {
+                        Some("dir") => Some(StateSource::Dir(abs_path("TPM state", &path)?)),
+                        Some("file") => Some(StateSource::File(abs_path("TPM state", &path)?)),
+                        other => {
+                            return Err(Error::failed(format!(
+                                "TPM <source> has unknown type {other:?}"
+                            )))
+                        }
+                    }
+                }
+            };
+            if tpm.is_some() {
+                return Err(Error::failed("domain XML has more than one emulator TPM"));
+            }
+            tpm = Some(Tpm {
+                model: t.model.unwrap_or_default(),
+                version,
+                encryption_secret,
+                source,
+            });
+        }
+
+        let (mut nvram, mut nvram_template) = (None, None);
+        if let Some(n) = d.os.and_then(|o| o.nvram) {
+            nvram_template = n.template;
+            let file = match n.kind.as_deref() {
+                None | Some("file") => n.source.and_then(|s| s.file).or(n.text),
+                // network-backed NVRAM is not a file we can keep
+                Some(_) => None,
+            };
+            if let Some(f) = file.filter(|f| !f.trim().is_empty()) {
+                nvram = Some(abs_path("NVRAM", &f)?);
+            }
+        }
+
+        Ok(Domain {
+            name,
+            uuid,
+            tpm,
+            nvram,
+            nvram_template,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/libvirt-9.0")
+            .join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[test]
+    fn reads_efi_secureboot_encrypted_tpm() {
+        let d = Domain::parse(&fixture("efi-secureboot-encrypted-tpm.stopped.xml")).unwrap();
+        assert_eq!(d.name, "efitest");
+        assert_eq!(d.uuid, "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee");
+        let t = d.tpm.unwrap();
+        assert_eq!(t.version, TpmVersion::V2_0);
+        assert_eq!(t.model, "tpm-crb");
+        assert_eq!(
+            t.encryption_secret.as_deref(),
+            Some("0f0e0d0c-0b0a-4909-8807-060504030201")
+        );
+        assert_eq!(
+            d.nvram.unwrap(),
+            PathBuf::from("/var/lib/libvirt/qemu/nvram/efitest_VARS.fd")
+        );
+        assert_eq!(
+            d.nvram_template.as_deref(),
+            Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+        );
+    }
+
+    #[test]
+    fn reads_transient_tpm_without_nvram() {
+        let d = Domain::parse(&fixture("tpm2-transient.stopped.xml")).unwrap();
+        assert_eq!(d.name, "tpmtrans");
+        assert!(d.tpm.is_some());
+        assert!(d.nvram.is_none());
+    }
+
+    #[test]
+    fn domain_without_tpm_has_none() {
+        let d = Domain::parse(&fixture("no-tpm.stopped.xml")).unwrap();
+        assert!(d.tpm.is_none());
+    }
+
+    #[test]
+    fn passthrough_tpm_is_not_kept() {
+        let x = br#"<domain><name>a</name><uuid>11111111-2222-3333-4444-555555555555</uuid>
+            <devices><tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm></devices></domain>"#;
+        assert!(Domain::parse(x).unwrap().tpm.is_none());
+    }
+
+    #[test]
+    fn tpm_among_other_devices_is_found() {
+        let x = br#"<domain><name>a</name><uuid>11111111-2222-3333-4444-555555555555</uuid>
+            <devices><disk/><tpm model='tpm-crb'><backend type='emulator' version='1.2'>
+            <source type='dir' path='/srv/tpm/a'/></backend></tpm><video/></devices></domain>"#;
+        let t = Domain::parse(x).unwrap().tpm.unwrap();
+        assert_eq!(t.version, TpmVersion::V1_2);
+        assert_eq!(t.source, Some(StateSource::Dir("/srv/tpm/a".into())));
+    }
+
+    #[test]
+    fn rejects_bad_documents_with_a_reason() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not xml at all", "cannot read domain XML"),
+            (b"<domain><name>a</name></domain>", "no <uuid>"),
+            (b"<domain><name>a</name><uuid>../../etc</uuid></domain>", "invalid <uuid>"),
+            (
+                b"<domain><name>a</name><uuid>11111111-2222-3333-4444-555555555555</uuid><uuid>11111111-2222-3333-4444-555555555556</uuid></domain>",
+                "duplicate",
+            ),
+            (b"<domain><name>a/b</name><uuid>11111111-2222-3333-4444-555555555555</uuid></domain>", "unusable <name>"),
+            (b"<!DOCTYPE d [<!ENTITY x 'y'>]><domain/>", "DOCTYPE"),
+            (
+                b"<domain><name>a</name><uuid>11111111-2222-3333-4444-555555555555</uuid><devices><tpm><backend type='emulator'/></tpm></devices></domain>",
+                "no version",
+            ),
+            (
+                b"<domain><name>a</name><uuid>11111111-2222-3333-4444-555555555555</uuid><devices><tpm><backend type='emulator' version='2.0'><source type='dir' path='rel/x'/></backend></tpm></devices></domain>",
+                "not an absolute path",
+            ),
+        ];
+        for (xml, want) in cases {
+            let err = Domain::parse(xml).unwrap_err().to_string();
+            assert!(
+                err.contains(want),
+                "{:?}: got {err:?}, want {want:?}",
+                String::from_utf8_lossy(xml)
+            );
+        }
+    }
+
+    #[test]
+    fn uuid_is_lowercased_and_validated() {
+        assert_eq!(
+            normalize_uuid("AAAAAAAA-BBBB-CCCC-DDDD-EEEEEEEEEEEE").unwrap(),
+            "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+        );
+        assert!(normalize_uuid("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeee/").is_none());
+        assert!(normalize_uuid("aaaaaaaabbbbccccddddeeeeeeeeeeee").is_none());
+    }
+}

@@ -1,0 +1,316 @@
+//! Filesystem primitives that privileged code needs and std lacks:
+//! opening paths without following symlinks planted by less privileged
+//! users, bounded reads of regular files only, durable writes.
+
+use std::collections::VecDeque;
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+const MAX_SYMLINK_HOPS: usize = 40;
+
+fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn openat(dir: &OwnedFd, name: &OsStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let c = cstr(name)?;
+    // SAFETY: valid fd and NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by openat and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn fstat(fd: &impl AsRawFd) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain data; fstat fills it or fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+fn readlinkat(dir: &OwnedFd, name: &OsStr) -> io::Result<PathBuf> {
+    let c = cstr(name)?;
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: buf is writable for its length.
+    let n = unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(PathBuf::from(OsString::from_vec(buf)))
+}
+
+fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
+    st.st_mode & libc::S_IFMT == t
+}
+
+/// A directory is trusted to hold symlinks when only root can change it.
+fn trusted_dir(st: &libc::stat) -> bool {
+    st.st_uid == 0 && st.st_mode & 0o022 == 0
+}
+
+/// Open `path` (absolute) for reading, resolving every component by hand:
+/// a symlink is followed only when the directory that holds it is owned by
+/// root and writable by nobody else, so that a link planted by `tss` or the
+/// qemu user never redirects a root process. `want_dir` selects O_DIRECTORY.
+/// Non-blocking, so that a FIFO planted in place of a file cannot hang us.
+pub fn open_no_untrusted_links(path: &Path, want_dir: bool) -> Result<File> {
+    if !path.is_absolute() {
+        return Err(Error::failed(format!(
+            "refusing relative path {}",
+            path.display()
+        )));
+    }
+    let mut todo: VecDeque<OsString> = VecDeque::new();
+    push_components(&mut todo, path);
+    let root = || -> io::Result<OwnedFd> {
+        let fd = File::open("/")?;
+        Ok(OwnedFd::from(fd))
+    };
+    let mut cur = root().ctx("open", Path::new("/"))?;
+    let mut hops = 0;
+    while let Some(name) = todo.pop_front() {
+        if name == "/" {
+            cur = root().ctx("open", Path::new("/"))?;
+            continue;
+        }
+        let last = todo.is_empty();
+        let probe = openat(&cur, &name, libc::O_PATH | libc::O_NOFOLLOW).ctx("open", path)?;
+        let st = fstat(&probe).ctx("stat", path)?;
+        if is_type(&st, libc::S_IFLNK) {
+            let parent = fstat(&cur).ctx("stat", path)?;
+            if !trusted_dir(&parent) {
+                return Err(Error::failed(format!(
+                    "refusing to follow symlink {:?} in {}: its directory is writable by uid {} \
+                     (mode {:o}), so the link may have been planted",
+                    name,
+                    path.display(),
+                    parent.st_uid,
+                    parent.st_mode & 0o7777
+                )));
+            }
+            hops += 1;
+            if hops > MAX_SYMLINK_HOPS {
+                return Err(Error::io(
+                    "resolve",
+                    path,
+                    io::Error::from_raw_os_error(libc::ELOOP),
+                ));
+            }
+            let target = readlinkat(&cur, &name).ctx("read symlink in", path)?;
+            let mut front = VecDeque::new();
+            push_components(&mut front, &target);
+            while let Some(c) = front.pop_back() {
+                todo.push_front(c);
+            }
+            continue;
+        }
+        if !last {
+            if !is_type(&st, libc::S_IFDIR) {
+                return Err(Error::io(
+                    "open",
+                    path,
+                    io::Error::from_raw_os_error(libc::ENOTDIR),
+                ));
+            }
+            cur = probe;
+            continue;
+        }
+        let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+        if want_dir {
+            flags |= libc::O_DIRECTORY;
+        }
+        let fd = openat(&cur, &name, flags).ctx("open", path)?;
+        return Ok(File::from(fd));
+    }
+    // The path was "/" itself.
+    Ok(File::from(root().ctx("open", path)?))
+}
+
+fn push_components(todo: &mut VecDeque<OsString>, p: &Path) {
+    for c in p.components() {
+        match c {
+            Component::RootDir => todo.push_back(OsString::from("/")),
+            Component::CurDir => {}
+            Component::ParentDir => todo.push_back(OsString::from("..")),
+            Component::Normal(n) => todo.push_back(n.to_owned()),
+            Component::Prefix(_) => {}
+        }
+    }
+}
+
+/// Open `name` inside an already opened directory, never following a symlink.
+pub fn open_in_dir(dir: &File, name: &OsStr) -> io::Result<File> {
+    let owned = dir.try_clone()?;
+    let fd = openat(
+        &OwnedFd::from(owned),
+        name,
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+    )?;
+    Ok(File::from(fd))
+}
+
+/// What a bounded read of a regular file gives: the bytes and the metadata
+/// to record (mode, owner) taken from the same open file.
+#[derive(Debug, Clone)]
+pub struct FileData {
+    pub bytes: Vec<u8>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Read an open file that must be a regular file with one link, at most
+/// `max` bytes, and unchanged in size while we read it.
+pub fn read_regular(file: &mut File, path: &Path, max: u64) -> Result<FileData> {
+    let st = fstat(file).ctx("stat", path)?;
+    if !is_type(&st, libc::S_IFREG) {
+        return Err(Error::failed(format!(
+            "refusing {}: not a regular file (type {:o})",
+            path.display(),
+            st.st_mode & libc::S_IFMT
+        )));
+    }
+    if st.st_nlink != 1 {
+        return Err(Error::failed(format!(
+            "refusing {}: it has {} hard links (a link to another file may have been planted)",
+            path.display(),
+            st.st_nlink
+        )));
+    }
+    let size = st.st_size as u64;
+    if size > max {
+        return Err(Error::failed(format!(
+            "refusing {}: {} bytes is over the limit of {} (max_file_size)",
+            path.display(),
+            size,
+            max
+        )));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .ctx("read", path)?;
+    if bytes.len() as u64 != size {
+        return Err(Error::failed(format!(
+            "refusing {}: it changed size while being read ({} then {} bytes)",
+            path.display(),
+            size,
+            bytes.len()
+        )));
+    }
+    Ok(FileData {
+        bytes,
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+    })
+}
+
+/// The entry names of an open directory (not "." and "..").
+pub fn list_dir(dir: &File, path: &Path) -> Result<Vec<OsString>> {
+    // fdopendir takes ownership of the fd it is given: hand it a duplicate.
+    let dup = dir.try_clone().ctx("read directory", path)?;
+    let fd = OwnedFd::from(dup);
+    // SAFETY: fdopendir takes the fd; on success it is closed by closedir.
+    let dirp = unsafe { libc::fdopendir(fd.as_raw_fd()) };
+    if dirp.is_null() {
+        return Err(Error::io(
+            "read directory",
+            path,
+            io::Error::last_os_error(),
+        ));
+    }
+    std::mem::forget(fd);
+    // Start from the beginning even if the fd was read before.
+    unsafe { libc::rewinddir(dirp) };
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: dirp is valid until closedir below.
+        let ent = unsafe { libc::readdir(dirp) };
+        if ent.is_null() {
+            break;
+        }
+        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
+        let b = name.to_bytes();
+        if b != b"." && b != b".." {
+            names.push(OsStr::from_bytes(b).to_owned());
+        }
+    }
+    unsafe { libc::closedir(dirp) };
+    Ok(names)
+}
+
+/// Create `path` (which must not exist) with `mode`, write `data`, fsync.
+pub fn write_new_synced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ctx("create", path)?;
+    f.write_all(data).ctx("write", path)?;
+    f.sync_all().ctx("fsync", path)?;
+    Ok(())
+}
+
+/// fsync a directory, so that the entries created or renamed in it persist.
+pub fn fsync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync directory", path)
+}
+
+/// mkdir with a mode, fine if it exists as a directory (not a symlink).
+pub fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let md = fs::symlink_metadata(path).ctx("stat", path)?;
+            if md.is_dir() {
+                Ok(())
+            } else {
+                Err(Error::failed(format!(
+                    "{} exists and is not a directory",
+                    path.display()
+                )))
+            }
+        }
+        Err(e) => Err(Error::io("create directory", path, e)),
+    }
+}
+
+/// Remove a directory tree that we created (our own store, root-only).
+pub fn remove_tree(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// Owner and mode of a path without following a final symlink.
+pub fn owner_mode(path: &Path) -> io::Result<(u32, u32, u32)> {
+    let md = fs::symlink_metadata(path)?;
+    Ok((md.uid(), md.gid(), md.mode() & 0o7777))
+}

@@ -1,0 +1,17 @@
+//! swtpm-keeper: a libvirt QEMU hook that keeps every VM's swtpm state and
+//! UEFI NVRAM in a crash-safe, versioned store. One module per concept.
+
+pub mod capture; // what a stop captures, and how
+pub mod cli; // the command line
+pub mod config; // the configuration file
+pub mod domain; // the domain XML libvirt passes on stdin
+pub mod error; // errors that name the action and the path
+pub mod failpoint; // crash injection for tests (feature `failpoints`)
+pub mod fsutil; // symlink-safe opens, bounded reads, durable writes
+pub mod hook; // the libvirt hook protocol
+pub mod lock; // the per-VM lock
+pub mod logging; // syslog through the `log` facade
+pub mod manifest; // manifest.json and SHA256SUMS
+pub mod store; // generations on disk
+pub mod swtpm; // swtpm's files: names, headers, liveness
+pub mod users; // user, group and host names

@@ -1,0 +1,52 @@
+//! Parse, start logging, dispatch, map errors to an exit code.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use swtpm_keeper::cli::{self, Command};
+use swtpm_keeper::error::{Kind, Result};
+use swtpm_keeper::{hook, logging};
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_default();
+    let args: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+
+    if hook::invoked_as_hook(Path::new(&argv0)) {
+        logging::init(false);
+        let code = hook::run(
+            &hook::HookArgs::from_args(&args),
+            &mut std::io::stdin().lock(),
+        );
+        return ExitCode::from(code as u8);
+    }
+
+    logging::init(true);
+    let result = cli::parse(&args).and_then(dispatch);
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "swtpm-keeper: {e}");
+            ExitCode::from(match e.kind {
+                Kind::Usage => 2,
+                Kind::Failed => 1,
+            })
+        }
+    }
+}
+
+/// Run one command; Ok carries the exit code.
+fn dispatch(cmd: Command) -> Result<i32> {
+    match cmd {
+        Command::Help => {
+            print!("{}", cli::USAGE);
+            Ok(0)
+        }
+        Command::Version => {
+            println!("swtpm-keeper {}", env!("CARGO_PKG_VERSION"));
+            Ok(0)
+        }
+        Command::Hook(h) => Ok(hook::run(&h, &mut std::io::stdin().lock())),
+    }
+}

@@ -1,0 +1,211 @@
+//! The store: `<store_dir>/<uuid>/<generation>/`, one directory per
+//! captured state. A generation is built under a temporary name, every file
+//! and directory is fsynced, then it is renamed into place: a crash at any
+//! instant leaves only complete generations under generation names, plus
+//! temporaries that the next run (under the VM's lock) removes.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, IoContext, Result};
+use crate::failpoint;
+use crate::fsutil;
+use crate::lock::{self, VmLock};
+use crate::manifest::{self, Manifest};
+
+const TMP_PREFIX: &str = ".tmp-";
+const TRASH_PREFIX: &str = ".trash-";
+const LOCK_NAME: &str = ".lock";
+
+pub struct Store {
+    root: PathBuf,
+}
+
+/// One VM's part of the store, locked for as long as this value lives.
+pub struct VmStore {
+    dir: PathBuf,
+    _lock: VmLock,
+}
+
+/// `00000042-20261121T215608Z`: a sequence number (capture order, also
+/// across clock jumps) and the UTC capture time, for humans.
+pub fn is_generation_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 25
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[8] == b'-'
+        && b[9..17].iter().all(u8::is_ascii_digit)
+        && b[17] == b'T'
+        && b[18..24].iter().all(u8::is_ascii_digit)
+        && b[24] == b'Z'
+}
+
+fn sequence(name: &str) -> u64 {
+    name[..8].parse().unwrap_or(0)
+}
+
+impl Store {
+    pub fn new(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn vm_dir(&self, uuid: &str) -> PathBuf {
+        self.root.join(uuid)
+    }
+
+    /// Lock the VM's part of the store (creating it) and clean leftovers.
+    pub fn open_vm(&self, uuid: &str, timeout: Duration) -> Result<VmStore> {
+        debug_assert!(crate::domain::valid_uuid(uuid));
+        fsutil::ensure_dir(&self.root, 0o700)?;
+        let dir = self.vm_dir(uuid);
+        fsutil::ensure_dir(&dir, 0o700)?;
+        let lock = lock::lock_exclusive(&dir.join(LOCK_NAME), timeout)?;
+        let vm = VmStore { dir, _lock: lock };
+        vm.remove_leftovers()?;
+        Ok(vm)
+    }
+}
+
+impl VmStore {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Complete generations, oldest first.
+    pub fn generations(&self) -> Result<Vec<String>> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.dir)
+            .ctx("read directory", &self.dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| is_generation_name(n))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    pub fn read_manifest(&self, generation: &str) -> Result<Manifest> {
+        let p = self.dir.join(generation).join(manifest::MANIFEST);
+        let bytes = std::fs::read(&p).ctx("read", &p)?;
+        Manifest::from_json(&bytes).map_err(|e| Error::failed(format!("{}: {e}", p.display())))
+    }
+
+    /// Temporaries of runs that crashed (we hold the lock: nobody else is
+    /// writing them) go away before anything else happens.
+    fn remove_leftovers(&self) -> Result<()> {
+        let mut removed = false;
+        for e in std::fs::read_dir(&self.dir).ctx("read directory", &self.dir)? {
+            let e = e.ctx("read directory", &self.dir)?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
+                let p = e.path();
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    fsutil::remove_tree(&p)?;
+                } else {
+                    std::fs::remove_file(&p).ctx("remove", &p)?;
+                }
+                log::info!("removed {} left by an interrupted run", p.display());
+                removed = true;
+            }
+        }
+        if removed {
+            fsutil::fsync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Write a new generation holding `files` (name, bytes) and `manifest`,
+    /// then keep only the newest `keep`. Returns the new generation's name
+    /// and the names of the generations removed.
+    pub fn add_generation(
+        &self,
+        files: &[(String, Vec<u8>)],
+        manifest: &Manifest,
+        keep: usize,
+    ) -> Result<(String, Vec<String>)> {
+        let gens = self.generations()?;
+        let seq = gens.last().map(|g| sequence(g)).unwrap_or(0) + 1;
+        if seq > 99_999_999 {
+            return Err(Error::failed(format!(
+                "{}: generation numbers exhausted",
+                self.dir.display()
+            )));
+        }
+        let name = format!("{seq:08}-{}", manifest::compact_time(manifest.time_unix));
+        let tmp = self.dir.join(format!("{TMP_PREFIX}{name}"));
+        let dest = self.dir.join(&name);
+
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .ctx("create directory", &tmp)?;
+        let mut sums = Vec::with_capacity(files.len() + 1);
+        for (i, (fname, bytes)) in files.iter().enumerate() {
+            fsutil::write_new_synced(&tmp.join(fname), bytes, 0o600)?;
+            sums.push((fname.clone(), manifest::sha256_hex(bytes)));
+            if i == 0 {
+                failpoint::hit("store-after-first-file");
+            }
+        }
+        let mjson = manifest.to_json();
+        fsutil::write_new_synced(&tmp.join(manifest::MANIFEST), &mjson, 0o600)?;
+        sums.push((manifest::MANIFEST.to_owned(), manifest::sha256_hex(&mjson)));
+        fsutil::write_new_synced(
+            &tmp.join(manifest::SUMS),
+            &manifest::sums_file(&sums),
+            0o600,
+        )?;
+        fsutil::fsync_dir(&tmp)?;
+        failpoint::hit("store-before-rename");
+        if dest.exists() {
+            return Err(Error::failed(format!("{} already exists", dest.display())));
+        }
+        std::fs::rename(&tmp, &dest).ctx("rename into place", &dest)?;
+        failpoint::hit("store-after-rename");
+        fsutil::fsync_dir(&self.dir)?;
+        let removed = self.prune(keep)?;
+        Ok((name, removed))
+    }
+
+    /// Remove all but the newest `keep` (at least one) generations. Each is
+    /// first renamed to a trash name, so a crash mid-removal never leaves a
+    /// half-deleted directory under a generation name.
+    pub fn prune(&self, keep: usize) -> Result<Vec<String>> {
+        let keep = keep.max(1);
+        let gens = self.generations()?;
+        if gens.len() <= keep {
+            return Ok(Vec::new());
+        }
+        let doomed = gens[..gens.len() - keep].to_vec();
+        for g in &doomed {
+            let trash = self.dir.join(format!("{TRASH_PREFIX}{g}"));
+            std::fs::rename(self.dir.join(g), &trash).ctx("rename for removal", &trash)?;
+        }
+        fsutil::fsync_dir(&self.dir)?;
+        failpoint::hit("prune-after-rename");
+        for g in &doomed {
+            fsutil::remove_tree(&self.dir.join(format!("{TRASH_PREFIX}{g}")))?;
+        }
+        fsutil::fsync_dir(&self.dir)?;
+        Ok(doomed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_names() {
+        assert!(is_generation_name("00000001-20261121T215608Z"));
+        assert!(!is_generation_name(".tmp-00000001-20261121T215608Z"));
+        assert!(!is_generation_name("00000001-20261121T215608"));
+        assert!(!is_generation_name("0000000a-20261121T215608Z"));
+        assert_eq!(sequence("00000042-20261121T215608Z"), 42);
+    }
+}

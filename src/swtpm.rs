@@ -1,0 +1,217 @@
+//! What swtpm leaves on disk: where the state is, which files are state,
+//! whether a file is a well-formed swtpm blob, and whether swtpm still runs.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use crate::domain::{Domain, StateSource, Tpm, TpmVersion};
+
+/// Where a domain's TPM state lives on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateLocation {
+    /// A directory of `tpm2-00.*` files (the default, and `<source type='dir'>`).
+    Dir(PathBuf),
+    /// One file holding everything (`<source type='file'>`, libvirt 10.10+).
+    File(PathBuf),
+}
+
+impl StateLocation {
+    pub fn of(swtpm_dir: &std::path::Path, domain: &Domain, tpm: &Tpm) -> StateLocation {
+        match &tpm.source {
+            Some(StateSource::Dir(p)) => StateLocation::Dir(p.clone()),
+            Some(StateSource::File(p)) => StateLocation::File(p.clone()),
+            None => StateLocation::Dir(swtpm_dir.join(&domain.uuid).join(tpm.version.dir_name())),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            StateLocation::Dir(p) | StateLocation::File(p) => p,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StateLocation::Dir(_) => "dir",
+            StateLocation::File(_) => "file",
+        }
+    }
+}
+
+/// The name a file-backed state gets in a generation.
+pub const FILE_STATE_NAME: &str = "tpm-state.file";
+
+/// Is `name` one of swtpm's own state files for this TPM version?
+/// swtpm names them `tpm2-00.permall`, `tpm2-00.volatilestate`,
+/// `tpm2-00.savestate` (`tpm-00.*` for TPM 1.2). Its temporaries
+/// (`TMP2-00.*`), `.lock` and anything else are not state.
+pub fn is_state_file(version: TpmVersion, name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    let prefix = version.file_prefix().as_bytes();
+    b.len() > prefix.len()
+        && b.starts_with(prefix)
+        && b[prefix.len()..].iter().all(|c| c.is_ascii_lowercase())
+}
+
+/// The file whose absence means "no TPM here".
+pub fn permall_name(version: TpmVersion) -> String {
+    format!("{}permall", version.file_prefix())
+}
+
+/// Header flags swtpm defines (see the facts file).
+const KNOWN_FLAGS: u16 = 0x1f;
+const FLAG_ENCRYPTED: u16 = 0x01;
+const FLAG_MIGRATION_ENCRYPTED: u16 = 0x02;
+const TPM2_PERMALL_MAGIC: [u8; 4] = [0xab, 0x36, 0x47, 0x23];
+
+/// Check a state blob the way swtpm would before using it: the 10-byte
+/// header, the TLVs that must tile the file exactly, and for a plain
+/// TPM 2.0 permall the magic at both ends of its data. Returns the flags.
+pub fn check_blob(bytes: &[u8], is_tpm2_permall: bool) -> Result<u16, String> {
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    if bytes.len() < 10 {
+        return Err(format!(
+            "{} bytes is too short for a swtpm header",
+            bytes.len()
+        ));
+    }
+    let version = bytes[0];
+    let min_version = bytes[1];
+    let hdrsize = u16::from_be_bytes([bytes[2], bytes[3]]) as usize;
+    let flags = u16::from_be_bytes([bytes[4], bytes[5]]);
+    let totlen = u32::from_be_bytes([bytes[6], bytes[7], bytes[8], bytes[9]]) as usize;
+    if min_version != 1 || version < min_version {
+        return Err(format!(
+            "unknown swtpm header version {version}/{min_version}"
+        ));
+    }
+    if hdrsize < 10 || hdrsize > bytes.len() {
+        return Err(format!("bad swtpm header size {hdrsize}"));
+    }
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(format!("unknown swtpm header flags {flags:#06x}"));
+    }
+    if totlen != bytes.len() {
+        return Err(format!(
+            "header says {totlen} bytes but the file has {}",
+            bytes.len()
+        ));
+    }
+    let mut off = hdrsize;
+    let mut data: Option<&[u8]> = None;
+    while off < bytes.len() {
+        if bytes.len() - off < 6 {
+            return Err(format!("truncated TLV at offset {off}"));
+        }
+        let tag = u16::from_be_bytes([bytes[off], bytes[off + 1]]);
+        let len = u32::from_be_bytes([
+            bytes[off + 2],
+            bytes[off + 3],
+            bytes[off + 4],
+            bytes[off + 5],
+        ]) as usize;
+        let start = off + 6;
+        if len > bytes.len() - start {
+            return Err(format!(
+                "TLV {tag} at offset {off} runs past the end of the file"
+            ));
+        }
+        if tag == 1 && data.is_none() {
+            data = Some(&bytes[start..start + len]);
+        }
+        off = start + len;
+    }
+    let plain = flags & (FLAG_ENCRYPTED | FLAG_MIGRATION_ENCRYPTED) == 0;
+    if is_tpm2_permall && plain {
+        let d = data.ok_or("plain state has no data TLV")?;
+        if d.len() < 10 || d[2..6] != TPM2_PERMALL_MAGIC || d[d.len() - 4..] != TPM2_PERMALL_MAGIC {
+            return Err("TPM 2.0 permanent state lacks its magic numbers".into());
+        }
+    }
+    Ok(flags)
+}
+
+/// If a process holds a POSIX (fcntl) lock on the open file, its pid.
+/// A running swtpm holds one on `.lock` (flock would not see it).
+pub fn fcntl_lock_holder(file: &File) -> std::io::Result<Option<i32>> {
+    // SAFETY: flock is plain data; F_GETLK fills it or fails.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0;
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if fl.l_type == libc::F_UNLCK as libc::c_short {
+        Ok(None)
+    } else {
+        Ok(Some(fl.l_pid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/libvirt-9.0")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn real_plain_and_encrypted_permall_pass() {
+        assert_eq!(check_blob(&fixture("tpm2-00.permall.plain"), true), Ok(0));
+        assert_eq!(
+            check_blob(&fixture("tpm2-00.permall.encrypted"), true),
+            Ok(9)
+        );
+    }
+
+    #[test]
+    fn damaged_blobs_fail_with_a_reason() {
+        let good = fixture("tpm2-00.permall.plain");
+        assert!(check_blob(&[], true).unwrap_err().contains("empty"));
+        assert!(check_blob(&good[..good.len() - 1], true)
+            .unwrap_err()
+            .contains("header says"));
+        let mut bad_magic = good.clone();
+        let n = bad_magic.len();
+        bad_magic[n - 1] ^= 0xff;
+        assert!(check_blob(&bad_magic, true).unwrap_err().contains("magic"));
+        let mut bad_flags = good.clone();
+        bad_flags[5] = 0x80;
+        assert!(check_blob(&bad_flags, true).unwrap_err().contains("flags"));
+        let mut bad_tlv = good.clone();
+        bad_tlv[12] = 0x7f;
+        assert!(check_blob(&bad_tlv, true)
+            .unwrap_err()
+            .contains("past the end"));
+        assert!(check_blob(&[0u8; 4096], true).is_err());
+    }
+
+    #[test]
+    fn state_file_names() {
+        let v2 = TpmVersion::V2_0;
+        assert!(is_state_file(v2, OsStr::new("tpm2-00.permall")));
+        assert!(is_state_file(v2, OsStr::new("tpm2-00.volatilestate")));
+        assert!(!is_state_file(v2, OsStr::new("TMP2-00.permall")));
+        assert!(!is_state_file(v2, OsStr::new(".lock")));
+        assert!(!is_state_file(v2, OsStr::new("tpm2-00.")));
+        assert!(!is_state_file(v2, OsStr::new("tpm2-00.permall~")));
+        assert!(!is_state_file(v2, OsStr::new("tpm-00.permall")));
+        assert!(is_state_file(
+            TpmVersion::V1_2,
+            OsStr::new("tpm-00.permall")
+        ));
+    }
+}

@@ -1,0 +1,190 @@
+//! A fixture host under a temp dir: libvirt's paths, a store, a syslog
+//! socket the test reads, and a config that points the binary at them.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+pub const UUID_EFI: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+pub const UUID_TRANS: &str = "11111111-2222-3333-4444-555555555555";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_swtpm-keeper")
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/libvirt-9.0")
+            .join(name),
+    )
+    .unwrap()
+}
+
+pub struct Host {
+    pub root: PathBuf,
+    pub conf: PathBuf,
+    pub store: PathBuf,
+    pub swtpm: PathBuf,
+    pub etc_qemu: PathBuf,
+    pub nvram_dir: PathBuf,
+    log: UnixDatagram,
+}
+
+impl Host {
+    pub fn new(test: &str) -> Host {
+        Self::with_config(test, "")
+    }
+
+    pub fn with_config(test: &str, extra: &str) -> Host {
+        let root = std::env::temp_dir().join(format!("swk-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for d in ["swtpm", "etc-qemu", "nvram"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let sock = root.join("log.sock");
+        let log = UnixDatagram::bind(&sock).unwrap();
+        log.set_nonblocking(true).unwrap();
+        let conf = root.join("swtpm-keeper.conf");
+        let h = Host {
+            store: root.join("store"),
+            swtpm: root.join("swtpm"),
+            etc_qemu: root.join("etc-qemu"),
+            nvram_dir: root.join("nvram"),
+            conf,
+            root,
+            log,
+        };
+        let mut text = format!(
+            "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\n",
+            h.store, h.swtpm, h.etc_qemu, sock
+        );
+        text.push_str(extra);
+        std::fs::write(&h.conf, text).unwrap();
+        h
+    }
+
+    /// The state dir libvirt would use for a TPM 2.0 VM.
+    pub fn state_dir(&self, uuid: &str) -> PathBuf {
+        self.swtpm.join(uuid).join("tpm2")
+    }
+
+    pub fn put_state(&self, uuid: &str, files: &[(&str, &[u8])]) -> PathBuf {
+        let d = self.state_dir(uuid);
+        std::fs::create_dir_all(&d).unwrap();
+        for (n, b) in files {
+            std::fs::write(d.join(n), b).unwrap();
+        }
+        d
+    }
+
+    /// The EFI fixture with its NVRAM path moved into this host.
+    pub fn efi_xml(&self) -> Vec<u8> {
+        let x = String::from_utf8(fixture("efi-secureboot-encrypted-tpm.stopped.xml")).unwrap();
+        x.replace(
+            "/var/lib/libvirt/qemu/nvram",
+            self.nvram_dir.to_str().unwrap(),
+        )
+        .into_bytes()
+    }
+
+    pub fn nvram_path(&self) -> PathBuf {
+        self.nvram_dir.join("efitest_VARS.fd")
+    }
+
+    pub fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
+        run_with(
+            Command::new(bin())
+                .args(args)
+                .env("SWTPM_KEEPER_CONFIG", &self.conf),
+            stdin,
+        )
+    }
+
+    pub fn hook(&self, name: &str, op: &str, sub: &str, extra: &str, xml: &[u8]) -> Output {
+        let out = self.run(&["hook", name, op, sub, extra], xml);
+        assert!(
+            out.stdout.is_empty(),
+            "the hook wrote to stdout: {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        out
+    }
+
+    pub fn vm_store(&self, uuid: &str) -> PathBuf {
+        self.store.join(uuid)
+    }
+
+    /// Complete generations of a VM, oldest first.
+    pub fn generations(&self, uuid: &str) -> Vec<String> {
+        let mut v: Vec<String> = match std::fs::read_dir(self.vm_store(uuid)) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().into_string().unwrap())
+                .filter(|n| !n.starts_with('.'))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort();
+        v
+    }
+
+    /// Every line logged since the last call.
+    pub fn logs(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = self.log.recv(&mut buf) {
+            v.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        v
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+pub fn run_with(cmd: &mut Command, stdin: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut si = child.stdin.take().unwrap();
+        // The hook may exit without reading (ignored events): EPIPE is fine.
+        let _ = si.write_all(stdin);
+    }
+    wait_with_deadline(child, Duration::from_secs(30))
+}
+
+pub fn wait_with_deadline(mut child: std::process::Child, limit: Duration) -> Output {
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the process did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn sha256sum_check(dir: &Path) -> bool {
+    Command::new("sha256sum")
+        .arg("-c")
+        .arg("--quiet")
+        .arg("SHA256SUMS")
+        .current_dir(dir)
+        .status()
+        .unwrap()
+        .success()
+}
