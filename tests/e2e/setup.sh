@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install (if missing) and start what the end-to-end suite drives: Debian's
+# libvirt, qemu, swtpm, rsyslog. Works with or without systemd.
+set -euo pipefail
+pkgs=(libvirt-daemon-system libvirt-clients qemu-system-x86 swtpm swtpm-tools rsyslog ovmf tpm2-tools)
+need=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+pidof rsyslogd >/dev/null || rsyslogd
+pidof virtlogd >/dev/null || virtlogd -d
+pidof libvirtd >/dev/null || libvirtd -d
+for _ in $(seq 1 60); do
+    if virsh -q -c qemu:///system version >/dev/null 2>&1 && [ -S /dev/log ]; then
+        exit 0
+    fi
+    sleep 0.5
+done
+echo "setup: libvirtd did not answer (or /dev/log is missing) after 30 s" >&2
+exit 1
