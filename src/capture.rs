@@ -10,6 +10,7 @@ use crate::domain::{Domain, Tpm, TpmVersion};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, FileData};
 use crate::manifest::{self, FileEntry, Manifest, NvramInfo, TpmInfo};
+use crate::restore;
 use crate::store::Store;
 use crate::swtpm::{self, StateLocation};
 use crate::users;
@@ -297,11 +298,18 @@ pub fn capture(
         files: files.iter().map(entry).collect(),
     };
 
+    // libvirt 10.5+ says why the VM stopped: after an outgoing migration
+    // this host's copy goes stale, whatever generation holds it.
+    let migrated = event.extra == "migrated";
+
     // An identical TPM + NVRAM state adds no generation (release after stopped).
     let gens = vm.generations()?;
     if let Some(newest) = gens.last() {
         if let Ok(prev) = vm.read_manifest(newest) {
             if prev.state_identity() == m.state_identity() {
+                if migrated {
+                    restore::note_migrated_away(&vm, newest)?;
+                }
                 return Ok(Outcome::Unchanged {
                     generation: newest.clone(),
                     path: vm.dir().join(newest),
@@ -315,6 +323,9 @@ pub fn capture(
     let payload: Vec<(String, Vec<u8>)> =
         files.into_iter().map(|c| (c.name, c.data.bytes)).collect();
     let (generation, removed) = vm.add_generation(&payload, &m, cfg.generations as usize)?;
+    if migrated {
+        restore::note_migrated_away(&vm, &generation)?;
+    }
     Ok(Outcome::Stored {
         path: vm.dir().join(&generation),
         generation,

@@ -33,6 +33,24 @@ impl LogLevel {
     }
 }
 
+/// Whether the hook puts a lost TPM state back at `prepare`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Restore {
+    Auto,
+    Off,
+}
+
+/// What the hook does when it must refuse a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRefusal {
+    /// Fail the start (libvirt shows the reason): no silent new TPM.
+    Abort,
+    /// Let libvirt start the VM with a new, empty TPM.
+    Continue,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -51,6 +69,10 @@ pub struct Config {
     /// The syslog socket; stderr is used when it cannot be reached.
     pub syslog_socket: PathBuf,
     pub log_level: LogLevel,
+    /// libvirt's qemu.conf: the owners of restored files.
+    pub qemu_conf: PathBuf,
+    pub restore: Restore,
+    pub on_refusal: OnRefusal,
 }
 
 impl Default for Config {
@@ -64,6 +86,9 @@ impl Default for Config {
             max_file_size: 64 << 20,
             syslog_socket: "/dev/log".into(),
             log_level: LogLevel::Info,
+            qemu_conf: "/etc/libvirt/qemu.conf".into(),
+            restore: Restore::Auto,
+            on_refusal: OnRefusal::Abort,
         }
     }
 }
@@ -100,6 +125,7 @@ impl Config {
             ("swtpm_dir", &self.swtpm_dir),
             ("libvirt_config_dir", &self.libvirt_config_dir),
             ("syslog_socket", &self.syslog_socket),
+            ("qemu_conf", &self.qemu_conf),
         ] {
             if !p.is_absolute() {
                 return bad(key, "must be an absolute path");
@@ -147,6 +173,9 @@ mod tests {
         assert_eq!(c.store_dir, d.store_dir);
         assert_eq!(c.generations, d.generations);
         assert_eq!(c.lock_timeout, d.lock_timeout);
+        assert_eq!(c.restore, d.restore);
+        assert_eq!(c.on_refusal, d.on_refusal);
+        assert_eq!(c.qemu_conf, d.qemu_conf);
     }
 
     #[test]

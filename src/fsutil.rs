@@ -314,3 +314,242 @@ pub fn owner_mode(path: &Path) -> io::Result<(u32, u32, u32)> {
     let md = fs::symlink_metadata(path)?;
     Ok((md.uid(), md.gid(), md.mode() & 0o7777))
 }
+
+/// A directory opened once; every operation is relative to its fd, so
+/// nothing can redirect them by swapping a path component, and nothing
+/// ever follows a symlink at the final name.
+pub struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+pub enum Rename {
+    /// Fail if the destination exists.
+    NoReplace,
+    /// Atomically swap source and destination (both must exist).
+    Exchange,
+}
+
+impl Dir {
+    /// Open with `open_no_untrusted_links`.
+    pub fn open(path: &Path) -> Result<Dir> {
+        let f = open_no_untrusted_links(path, true)?;
+        Ok(Dir {
+            fd: OwnedFd::from(f),
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn stat(&self) -> Result<libc::stat> {
+        fstat(&self.fd).ctx("stat", &self.path)
+    }
+
+    /// Only root can change it: safe to hold symlinks and our temporaries.
+    pub fn is_trusted(&self) -> Result<bool> {
+        Ok(trusted_dir(&self.stat()?))
+    }
+
+    /// lstat of an entry; None if it does not exist.
+    pub fn entry_stat(&self, name: &str) -> Result<Option<libc::stat>> {
+        let c = cstr(OsStr::new(name)).ctx("stat", &self.path.join(name))?;
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd, name and out pointer.
+        let rc = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::NotFound {
+                return Ok(None);
+            }
+            return Err(Error::io("stat", &self.path.join(name), e));
+        }
+        Ok(Some(st))
+    }
+
+    pub fn entry_is_dir(st: &libc::stat) -> bool {
+        is_type(st, libc::S_IFDIR)
+    }
+
+    /// Open a subdirectory, never through a symlink.
+    pub fn open_subdir(&self, name: &str) -> Result<Dir> {
+        let p = self.path.join(name);
+        let fd = openat(
+            &self.fd,
+            OsStr::new(name),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        )
+        .ctx("open directory", &p)?;
+        Ok(Dir { fd, path: p })
+    }
+
+    pub fn mkdir(&self, name: &str, mode: u32) -> Result<Dir> {
+        let p = self.path.join(name);
+        let c = cstr(OsStr::new(name)).ctx("create directory", &p)?;
+        // SAFETY: valid fd and name.
+        if unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) } < 0 {
+            return Err(Error::io(
+                "create directory",
+                &p,
+                io::Error::last_os_error(),
+            ));
+        }
+        self.open_subdir(name)
+    }
+
+    /// Create a new file (never an existing one, never through a link),
+    /// write it, set owner and mode, fsync.
+    pub fn write_new(
+        &self,
+        name: &str,
+        data: &[u8],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<()> {
+        let p = self.path.join(name);
+        let c = cstr(OsStr::new(name)).ctx("create", &p)?;
+        let flags =
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid fd and name; the result is checked.
+        let fd =
+            unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags, mode as libc::c_uint) };
+        if fd < 0 {
+            return Err(Error::io("create", &p, io::Error::last_os_error()));
+        }
+        let mut f = unsafe { File::from_raw_fd(fd) };
+        f.write_all(data).ctx("write", &p)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).ctx("chown", &p)?;
+        }
+        // Explicit, whatever the umask was.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .ctx("chmod", &p)?;
+        f.sync_all().ctx("fsync", &p)?;
+        Ok(())
+    }
+
+    pub fn chown_chmod(&self, owner: Option<(u32, u32)>, mode: u32) -> Result<()> {
+        if let Some((uid, gid)) = owner {
+            // SAFETY: valid fd.
+            if unsafe { libc::fchown(self.fd.as_raw_fd(), uid, gid) } < 0 {
+                return Err(Error::io("chown", &self.path, io::Error::last_os_error()));
+            }
+        }
+        if unsafe { libc::fchmod(self.fd.as_raw_fd(), mode as libc::mode_t) } < 0 {
+            return Err(Error::io("chmod", &self.path, io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    pub fn rename(&self, from: &str, to: &str, how: Rename) -> Result<()> {
+        let dest = self.path.join(to);
+        let (cf, ct) = (
+            cstr(OsStr::new(from)).ctx("rename", &dest)?,
+            cstr(OsStr::new(to)).ctx("rename", &dest)?,
+        );
+        let flags = match how {
+            Rename::NoReplace => libc::RENAME_NOREPLACE,
+            Rename::Exchange => libc::RENAME_EXCHANGE,
+        };
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: valid fds and names.
+        if unsafe { libc::renameat2(fd, cf.as_ptr(), fd, ct.as_ptr(), flags) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(Error::io("rename into place", &dest, e));
+        }
+        // The filesystem lacks renameat2 flags (older NFS): emulate. The
+        // caller holds the VM's lock and libvirt holds the domain's.
+        match how {
+            Rename::NoReplace => {
+                if self.entry_stat(to)?.is_some() {
+                    return Err(Error::io(
+                        "rename into place",
+                        &dest,
+                        io::Error::from_raw_os_error(libc::EEXIST),
+                    ));
+                }
+                self.plain_rename(&cf, &ct, &dest)
+            }
+            Rename::Exchange => {
+                let aside = format!("{from}.aside");
+                let ca = cstr(OsStr::new(&aside)).ctx("rename", &dest)?;
+                self.plain_rename(&ct, &ca, &dest)?;
+                self.plain_rename(&cf, &ct, &dest)?;
+                self.plain_rename(&ca, &cf, &dest)
+            }
+        }
+    }
+
+    fn plain_rename(&self, from: &CString, to: &CString, dest: &Path) -> Result<()> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: valid fds and names.
+        if unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) } < 0 {
+            return Err(Error::io(
+                "rename into place",
+                dest,
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Remove an entry of ours: a file, or a directory and the files in it
+    /// (one level: what a restore leaves).
+    pub fn remove_entry(&self, name: &str) -> Result<()> {
+        let p = self.path.join(name);
+        let Some(st) = self.entry_stat(name)? else {
+            return Ok(());
+        };
+        let c = cstr(OsStr::new(name)).ctx("remove", &p)?;
+        let mut flags = 0;
+        if is_type(&st, libc::S_IFDIR) {
+            let sub = self.open_subdir(name)?;
+            let f = File::from(sub.fd.try_clone().ctx("remove", &p)?);
+            for n in list_dir(&f, &p)? {
+                let cn = cstr(&n).ctx("remove", &p)?;
+                // SAFETY: valid fd and name. Directories inside are not ours.
+                if unsafe { libc::unlinkat(sub.fd.as_raw_fd(), cn.as_ptr(), 0) } < 0 {
+                    return Err(Error::io("remove", &p.join(&n), io::Error::last_os_error()));
+                }
+            }
+            flags = libc::AT_REMOVEDIR;
+        }
+        // SAFETY: valid fd and name.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), flags) } < 0 {
+            return Err(Error::io("remove", &p, io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    pub fn names(&self) -> Result<Vec<String>> {
+        let f = File::from(self.fd.try_clone().ctx("read directory", &self.path)?);
+        Ok(list_dir(&f, &self.path)?
+            .into_iter()
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        // SAFETY: valid fd.
+        if unsafe { libc::fsync(self.fd.as_raw_fd()) } < 0 {
+            return Err(Error::io(
+                "fsync directory",
+                &self.path,
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -11,10 +11,13 @@
 use std::io::Read;
 use std::path::{Component, Path};
 
+use std::io::Write;
+
 use crate::capture::{self, Event, Outcome};
-use crate::config::{self, Config};
-use crate::domain::{Domain, MAX_XML_BYTES};
+use crate::config::{self, Config, OnRefusal};
+use crate::domain::{Domain, Tpm, MAX_XML_BYTES};
 use crate::logging;
+use crate::restore::{self, NvramOutcome, Outcome as RestoreOutcome};
 
 /// libvirt's arguments after the program name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +65,11 @@ pub fn invoked_as_hook(argv0: &Path) -> bool {
 pub enum Action {
     /// `stopped end`, `release end`: keep the state.
     Capture,
+    /// `prepare begin`: put a lost state back before swtpm starts.
+    Restore,
+    /// `migrate begin`, `restore begin`: the state arrives in the stream;
+    /// remember not to restore an old copy at the `prepare` that follows.
+    NoteIncoming,
     /// Everything else: exit 0 at once.
     Ignore,
 }
@@ -69,20 +77,29 @@ pub enum Action {
 pub fn action(op: &str, sub_op: &str) -> Action {
     match (op, sub_op) {
         ("stopped", "end") | ("release", "end") => Action::Capture,
+        ("prepare", "begin") => Action::Restore,
+        ("migrate", "begin") | ("restore", "begin") => Action::NoteIncoming,
         _ => Action::Ignore,
     }
 }
 
 /// Run the hook; returns the exit code for libvirt.
 pub fn run(args: &HookArgs, stdin: &mut dyn Read) -> i32 {
-    match action(&args.op, &args.sub_op) {
-        Action::Ignore => 0,
-        Action::Capture => {
-            on_stop(args, stdin);
-            // Never fail a stop: libvirt ignores it, and nothing would improve.
-            0
-        }
+    let action = action(&args.op, &args.sub_op);
+    if action == Action::Ignore {
+        return 0;
     }
+    let Some(job) = Job::prepare(args, stdin) else {
+        return 0;
+    };
+    match action {
+        // Never fail a stop: libvirt ignores it, and nothing would improve.
+        Action::Capture => job.capture(),
+        Action::NoteIncoming => job.note_incoming(),
+        Action::Restore => return job.restore(),
+        Action::Ignore => {}
+    }
+    0
 }
 
 fn read_input(stdin: &mut dyn Read) -> Result<Vec<u8>, String> {
@@ -108,95 +125,206 @@ fn load_config() -> Result<Config, String> {
     Ok(cfg)
 }
 
-fn on_stop(args: &HookArgs, stdin: &mut dyn Read) {
-    let ev = format!("{}/{}", args.op, args.sub_op);
-    let fail = |what: String| {
-        // Point logging at the configured socket if the file is readable.
-        let _ = load_config();
-        log::error!("vm={} event={ev}: {what}; nothing captured", args.name);
-    };
-    let xml = match read_input(stdin) {
-        Ok(x) => x,
-        Err(e) => return fail(e),
-    };
-    let domain = match Domain::parse(&xml) {
-        Ok(d) => d,
-        Err(e) => return fail(format!("cannot use the domain XML on stdin: {e}")),
-    };
-    let Some(tpm) = domain.tpm.clone() else {
-        log::debug!(
-            "vm={} uuid={} event={ev}: no emulator TPM, nothing to do",
-            domain.name,
-            domain.uuid
-        );
-        return;
-    };
-    // Session daemons run the hook as their user: there is no system state
-    // to keep and no right to the system store. Say so only at debug level.
-    if unsafe { libc::geteuid() } != 0 && std::env::var_os(config::ENV_VAR).is_none() {
-        log::debug!(
-            "vm={} event={ev}: not root (session libvirt?); swtpm-keeper keeps system VMs only",
-            domain.name
-        );
-        return;
-    }
-    let cfg = match load_config() {
-        Ok(c) => c,
-        Err(e) => {
-            log::error!(
-                "vm={} uuid={} event={ev}: {e}; TPM state NOT captured: fix the configuration",
+/// An event with work to do: a domain with an emulator TPM, and the
+/// configuration loaded.
+struct Job<'a> {
+    args: &'a HookArgs,
+    xml: Vec<u8>,
+    domain: Domain,
+    tpm: Tpm,
+    cfg: Config,
+    /// "vm=NAME uuid=UUID event=OP/SUB reason=EXTRA", for every log line.
+    who: String,
+}
+
+impl<'a> Job<'a> {
+    /// Read and check the input. None when there is nothing to do, or
+    /// when it cannot be done (then the reason is logged).
+    fn prepare(args: &'a HookArgs, stdin: &mut dyn Read) -> Option<Job<'a>> {
+        let ev = format!("{}/{}", args.op, args.sub_op);
+        let fail = |what: String| -> Option<Job<'a>> {
+            // Point logging at the configured socket if the file is readable.
+            let _ = load_config();
+            log::error!("vm={} event={ev}: {what}; nothing done", args.name);
+            None
+        };
+        let xml = match read_input(stdin) {
+            Ok(x) => x,
+            Err(e) => return fail(e),
+        };
+        let domain = match Domain::parse(&xml) {
+            Ok(d) => d,
+            Err(e) => return fail(format!("cannot use the domain XML on stdin: {e}")),
+        };
+        let Some(tpm) = domain.tpm.clone() else {
+            log::debug!(
+                "vm={} uuid={} event={ev}: no emulator TPM, nothing to do",
                 domain.name,
                 domain.uuid
             );
-            return;
-        }
-    };
-    let event = Event {
-        op: args.op.clone(),
-        sub_op: args.sub_op.clone(),
-        extra: args.extra.clone(),
-    };
-    let who = format!(
-        "vm={} uuid={} event={ev} reason={}",
-        domain.name, domain.uuid, args.extra
-    );
-    match capture::capture(&cfg, &domain, &tpm, &event, &xml) {
-        Ok(Outcome::Stored {
-            generation,
-            path,
-            files,
-            nvram,
-            removed,
-        }) => {
-            let pruned = if removed.is_empty() {
-                String::new()
-            } else {
-                format!(", pruned {}", removed.join(" "))
-            };
-            log::info!(
-                "{who}: captured TPM {} state{} as generation {generation} ({files} files) in {}{pruned}",
-                tpm.version.as_str(),
-                if nvram { " and NVRAM" } else { "" },
-                path.display()
+            return None;
+        };
+        // Session daemons run the hook as their user: there is no system
+        // state to keep and no right to the system store.
+        if unsafe { libc::geteuid() } != 0 && std::env::var_os(config::ENV_VAR).is_none() {
+            log::debug!(
+                "vm={} event={ev}: not root (session libvirt?); swtpm-keeper keeps system VMs only",
+                domain.name
             );
+            return None;
         }
-        Ok(Outcome::Unchanged { generation, path }) => {
-            log::info!(
-                "{who}: TPM state unchanged since generation {generation}, nothing added ({})",
-                path.display()
-            );
+        let who = format!(
+            "vm={} uuid={} event={ev} reason={}",
+            domain.name, domain.uuid, args.extra
+        );
+        let cfg = match load_config() {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("{who}: {e}; nothing done: fix the configuration");
+                return None;
+            }
+        };
+        Some(Job {
+            args,
+            xml,
+            domain,
+            tpm,
+            cfg,
+            who,
+        })
+    }
+
+    fn event(&self) -> Event {
+        Event {
+            op: self.args.op.clone(),
+            sub_op: self.args.sub_op.clone(),
+            extra: self.args.extra.clone(),
         }
-        Ok(Outcome::NoState { path }) => {
-            log::info!(
-                "{who}: no TPM state at {}, nothing captured",
-                path.display()
-            );
+    }
+
+    fn capture(&self) {
+        let who = &self.who;
+        match capture::capture(&self.cfg, &self.domain, &self.tpm, &self.event(), &self.xml) {
+            Ok(Outcome::Stored {
+                generation,
+                path,
+                files,
+                nvram,
+                removed,
+            }) => {
+                let pruned = if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(", pruned {}", removed.join(" "))
+                };
+                log::info!(
+                    "{who}: captured TPM {} state{} as generation {generation} ({files} files) in {}{pruned}",
+                    self.tpm.version.as_str(),
+                    if nvram { " and NVRAM" } else { "" },
+                    path.display()
+                );
+            }
+            Ok(Outcome::Unchanged { generation, path }) => {
+                log::info!(
+                    "{who}: TPM state unchanged since generation {generation}, nothing added ({})",
+                    path.display()
+                );
+            }
+            Ok(Outcome::NoState { path }) => {
+                log::info!(
+                    "{who}: no TPM state at {}, nothing captured",
+                    path.display()
+                );
+            }
+            Err(e) => {
+                log::error!(
+                    "{who}: TPM state NOT captured: {e}; the store keeps what it had in {}",
+                    self.cfg.store_dir.join(&self.domain.uuid).display()
+                );
+            }
         }
-        Err(e) => {
-            log::error!(
-                "{who}: TPM state NOT captured: {e}; the store keeps what it had in {}",
-                cfg.store_dir.join(&domain.uuid).display()
-            );
+    }
+
+    fn note_incoming(&self) {
+        match restore::note_incoming(&self.cfg, &self.domain, &self.args.op) {
+            Ok(()) => log::info!(
+                "{}: incoming TPM state (it arrives in the {} stream); the prepare that follows will not restore",
+                self.who,
+                if self.args.op == "migrate" { "migration" } else { "save image" }
+            ),
+            Err(e) => log::error!(
+                "{}: could not note the incoming state: {e}; if libvirt's state dir is empty at prepare, an old copy may be restored",
+                self.who
+            ),
+        }
+    }
+
+    /// Exit code: 1 aborts the start (libvirt shows our stderr).
+    fn restore(&self) -> i32 {
+        let who = &self.who;
+        match restore::at_prepare(&self.cfg, &self.domain, &self.tpm) {
+            Ok(RestoreOutcome::Restored {
+                generation,
+                manifest: m,
+                path,
+                nvram,
+                skipped,
+            }) => {
+                for (g, why) in &skipped {
+                    log::warn!(
+                        "{who}: generation {g} fails verification ({why}); used an older one"
+                    );
+                }
+                let nv = match &nvram {
+                    NvramOutcome::Restored(p) => format!(" and NVRAM into {}", p.display()),
+                    NvramOutcome::KeptExisting(p) => {
+                        format!(" (NVRAM {} exists, kept)", p.display())
+                    }
+                    NvramOutcome::None => String::new(),
+                };
+                log::info!(
+                    "{who}: restored TPM {} state from generation {generation} (captured {} on {} at {}) into {}{nv}",
+                    m.tpm.version,
+                    m.time,
+                    m.host,
+                    m.event,
+                    path.display()
+                );
+                0
+            }
+            Ok(RestoreOutcome::Incoming { event }) => {
+                log::info!("{who}: not restoring: the TPM state arrives with the incoming {event}");
+                0
+            }
+            Ok(RestoreOutcome::Nothing(why)) => {
+                log::debug!("{who}: nothing to restore: {why}");
+                0
+            }
+            Err(r) => {
+                let abort = self.cfg.on_refusal == OnRefusal::Abort;
+                let then = if abort {
+                    "the start is aborted (on_refusal = \"abort\")"
+                } else {
+                    "libvirt starts it with a new TPM (on_refusal = \"continue\")"
+                };
+                log::error!(
+                    "{who}: TPM state NOT restored: {}; {then}. To fix: {}",
+                    r.why,
+                    r.fix
+                );
+                if abort {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "swtpm-keeper: refusing to start {} with a new TPM: {}. To fix: {}. (Or set on_refusal = \"continue\" in {} to start with a new TPM.)",
+                        logging::sanitize(&self.domain.name),
+                        r.why,
+                        r.fix,
+                        config::path_from_env().display()
+                    );
+                    return 1;
+                }
+                0
+            }
         }
     }
 }
@@ -221,15 +349,15 @@ mod tests {
     }
 
     #[test]
-    fn only_stop_events_capture() {
+    fn dispatch_rules() {
         assert_eq!(action("stopped", "end"), Action::Capture);
         assert_eq!(action("release", "end"), Action::Capture);
+        assert_eq!(action("prepare", "begin"), Action::Restore);
+        assert_eq!(action("migrate", "begin"), Action::NoteIncoming);
+        assert_eq!(action("restore", "begin"), Action::NoteIncoming);
         for (op, sub) in [
-            ("prepare", "begin"),
             ("start", "begin"),
             ("started", "begin"),
-            ("migrate", "begin"),
-            ("restore", "begin"),
             ("reconnect", "begin"),
             ("attach", "begin"),
             ("stopped", "begin"),

@@ -12,6 +12,8 @@ pub mod hook; // the libvirt hook protocol
 pub mod lock; // the per-VM lock
 pub mod logging; // syslog through the `log` facade
 pub mod manifest; // manifest.json and SHA256SUMS
+pub mod qemuconf; // owners of restored files, from qemu.conf
+pub mod restore; // putting a state back at prepare
 pub mod store; // generations on disk
 pub mod swtpm; // swtpm's files: names, headers, liveness
 pub mod users; // user, group and host names

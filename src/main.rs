@@ -13,18 +13,16 @@ fn main() -> ExitCode {
     let argv0 = args.next().unwrap_or_default();
     let args: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
 
-    if hook::invoked_as_hook(Path::new(&argv0)) {
-        logging::init(false);
-        let code = hook::run(
-            &hook::HookArgs::from_args(&args),
-            &mut std::io::stdin().lock(),
-        );
-        return ExitCode::from(code as u8);
-    }
+    // Installed as a libvirt hook, argv is libvirt's; else it is ours.
+    let cmd = if hook::invoked_as_hook(Path::new(&argv0)) {
+        Ok(Command::Hook(hook::HookArgs::from_args(&args)))
+    } else {
+        cli::parse(&args)
+    };
+    // The hook logs to syslog only; the CLI also shows warnings on stderr.
+    logging::init(!matches!(cmd, Ok(Command::Hook(_))));
 
-    logging::init(true);
-    let result = cli::parse(&args).and_then(dispatch);
-    match result {
+    match cmd.and_then(dispatch) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "swtpm-keeper: {e}");

@@ -196,6 +196,130 @@ impl VmStore {
     }
 }
 
+/// A generation read back and verified: every file against `SHA256SUMS`
+/// and the manifest, every TPM file against swtpm's header rules.
+#[derive(Debug)]
+pub struct Loaded {
+    pub name: String,
+    pub manifest: Manifest,
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl Loaded {
+    pub fn file(&self, name: &str) -> Option<&[u8]> {
+        self.files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.as_slice())
+    }
+}
+
+/// Verify the generation directory `dir`; the error says what is wrong.
+pub fn load_verified(dir: &Path, max: u64) -> std::result::Result<Loaded, String> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let read = |n: &str| -> std::result::Result<Vec<u8>, String> {
+        let p = dir.join(n);
+        let md = std::fs::symlink_metadata(&p).map_err(|e| format!("{n}: {e}"))?;
+        if !md.is_file() {
+            return Err(format!("{n}: not a regular file"));
+        }
+        if md.len() > max {
+            return Err(format!("{n}: {} bytes is over max_file_size", md.len()));
+        }
+        std::fs::read(&p).map_err(|e| format!("{n}: {e}"))
+    };
+    let sums_text = read(manifest::SUMS)?;
+    let sums = manifest::parse_sums(&String::from_utf8_lossy(&sums_text))
+        .map_err(|e| format!("{}: {e}", manifest::SUMS))?;
+    let mut files = Vec::with_capacity(sums.len());
+    for (n, hex) in &sums {
+        if n.starts_with('.') {
+            return Err(format!("{}: unexpected name {n:?}", manifest::SUMS));
+        }
+        let bytes = read(n)?;
+        if &manifest::sha256_hex(&bytes) != hex {
+            return Err(format!("{n}: checksum mismatch"));
+        }
+        files.push((n.clone(), bytes));
+    }
+    let mbytes = files
+        .iter()
+        .find(|(n, _)| n == manifest::MANIFEST)
+        .map(|(_, b)| b)
+        .ok_or_else(|| format!("{} does not list {}", manifest::SUMS, manifest::MANIFEST))?;
+    let m = Manifest::from_json(mbytes).map_err(|e| format!("{}: {e}", manifest::MANIFEST))?;
+    for f in &m.files {
+        match sums.iter().find(|(n, _)| n == &f.name) {
+            Some((_, hex)) if hex == &f.sha256 => {}
+            Some(_) => {
+                return Err(format!(
+                    "{}: manifest and {} disagree",
+                    f.name,
+                    manifest::SUMS
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "{}: listed in the manifest but not in {}",
+                    f.name,
+                    manifest::SUMS
+                ))
+            }
+        }
+        if f.role == "tpm" && f.name != crate::swtpm::FILE_STATE_NAME {
+            let bytes = &files
+                .iter()
+                .find(|(n, _)| n == &f.name)
+                .expect("checked above")
+                .1;
+            let tpm2_permall = m.tpm.version == "2.0" && f.name == "tpm2-00.permall";
+            crate::swtpm::check_blob(bytes, tpm2_permall)
+                .map_err(|why| format!("{}: {why}", f.name))?;
+        }
+    }
+    if !m.files.iter().any(|f| f.role == "tpm") {
+        return Err("the manifest lists no TPM state file".into());
+    }
+    Ok(Loaded {
+        name,
+        manifest: m,
+        files,
+    })
+}
+
+impl VmStore {
+    pub fn load_verified(&self, generation: &str, max: u64) -> std::result::Result<Loaded, String> {
+        load_verified(&self.dir.join(generation), max)
+    }
+
+    /// Small per-VM records (`migrated-away.json`, `incoming-<host>.json`),
+    /// replaced atomically.
+    pub fn write_marker(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let tmp = self.dir.join(format!("{TMP_PREFIX}{name}"));
+        let _ = std::fs::remove_file(&tmp);
+        fsutil::write_new_synced(&tmp, bytes, 0o600)?;
+        let dest = self.dir.join(name);
+        std::fs::rename(&tmp, &dest).ctx("rename into place", &dest)?;
+        fsutil::fsync_dir(&self.dir)
+    }
+
+    pub fn read_marker(&self, name: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.dir.join(name)).ok()
+    }
+
+    pub fn remove_marker(&self, name: &str) -> Result<()> {
+        let p = self.dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => fsutil::fsync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &p, e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

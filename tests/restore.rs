@@ -1,0 +1,429 @@
+//! The hook's restore at `prepare begin`, against a fixture host: when it
+//! puts a state back, what it refuses and why, and that it never replaces
+//! or follows what it must not.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+const SWTPM_UID: u32 = 4242;
+const SWTPM_GID: u32 = 4243;
+const QEMU_UID: u32 = 4300;
+const QEMU_GID: u32 = 4301;
+
+fn host(test: &str, extra: &str) -> Host {
+    let h = Host::with_config(test, extra);
+    let qc = h.root.join("qemu.conf");
+    std::fs::write(&qc, format!("user = \"+{QEMU_UID}\"\ngroup = \"+{QEMU_GID}\"\nswtpm_user = \"+{SWTPM_UID}\"\nswtpm_group = \"+{SWTPM_GID}\"\n")).unwrap();
+    let mut conf = std::fs::read_to_string(&h.conf).unwrap();
+    conf.push_str(&format!("qemu_conf = {qc:?}\n"));
+    std::fs::write(&h.conf, conf).unwrap();
+    h
+}
+
+/// An EFI VM stopped once: its state and NVRAM are in the store.
+fn captured_efi(h: &Host) -> (Vec<u8>, Vec<u8>) {
+    let permall = fixture("tpm2-00.permall.encrypted");
+    let nvram: Vec<u8> = (0..540 * 1024).map(|i| (i % 251) as u8).collect();
+    h.put_state(UUID_EFI, &[("tpm2-00.permall", &permall), (".lock", b"")]);
+    std::fs::write(h.nvram_path(), &nvram).unwrap();
+    assert_eq!(
+        h.hook("efitest", "stopped", "end", "-", &h.efi_xml())
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(h.generations(UUID_EFI).len(), 1);
+    (permall, nvram)
+}
+
+/// What libvirt's `undefine --nvram` leaves: nothing.
+fn lose_everything(h: &Host) {
+    std::fs::remove_dir_all(h.swtpm.join(UUID_EFI)).unwrap();
+    std::fs::remove_file(h.nvram_path()).unwrap();
+}
+
+fn prepare(h: &Host, xml: &[u8]) -> std::process::Output {
+    h.hook("efitest", "prepare", "begin", "-", xml)
+}
+
+#[test]
+fn a_lost_state_and_nvram_come_back_as_the_pair_they_were() {
+    let h = host("restore", "");
+    let (permall, nvram) = captured_efi(&h);
+    lose_everything(&h);
+    h.logs();
+
+    let out = prepare(&h, &h.efi_xml());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = h.state_dir(UUID_EFI);
+    assert_eq!(std::fs::read(d.join("tpm2-00.permall")).unwrap(), permall);
+    assert_eq!(std::fs::read(h.nvram_path()).unwrap(), nvram);
+    // Only swtpm's state comes back: never .lock.
+    let names: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["tpm2-00.permall"]);
+    // Owners and modes as libvirt sets them, from qemu.conf.
+    let md = std::fs::metadata(&d).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o777),
+        (SWTPM_UID, SWTPM_GID, 0o700)
+    );
+    let md = std::fs::metadata(d.join("tpm2-00.permall")).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o777),
+        (SWTPM_UID, SWTPM_GID, 0o600)
+    );
+    let md = std::fs::metadata(h.swtpm.join(UUID_EFI)).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o777), (0, 0o711));
+    let md = std::fs::metadata(h.nvram_path()).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o777),
+        (QEMU_UID, QEMU_GID, 0o600)
+    );
+    // No temporaries left beside them.
+    assert_eq!(
+        std::fs::read_dir(h.swtpm.join(UUID_EFI)).unwrap().count(),
+        1
+    );
+    assert_eq!(std::fs::read_dir(&h.nvram_dir).unwrap().count(), 1);
+
+    let logs = h.logs();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let g = &h.generations(UUID_EFI)[0];
+    for want in [
+        "vm=efitest",
+        UUID_EFI,
+        "event=prepare/begin",
+        &format!("restored TPM 2.0 state from generation {g}"),
+        "and NVRAM into",
+        "at stopped",
+    ] {
+        assert!(logs[0].contains(want), "{want:?} missing in {}", logs[0]);
+    }
+}
+
+#[test]
+fn an_existing_state_is_never_touched() {
+    let h = host("existing", "");
+    captured_efi(&h);
+    let other = fixture("tpm2-00.permall.plain");
+    h.put_state(UUID_EFI, &[("tpm2-00.permall", &other)]);
+    let ino = std::fs::metadata(h.state_dir(UUID_EFI).join("tpm2-00.permall"))
+        .unwrap()
+        .ino();
+    h.logs();
+    assert_eq!(prepare(&h, &h.efi_xml()).status.code(), Some(0));
+    let p = h.state_dir(UUID_EFI).join("tpm2-00.permall");
+    assert_eq!(std::fs::read(&p).unwrap(), other);
+    assert_eq!(std::fs::metadata(&p).unwrap().ino(), ino);
+    assert!(h.logs().is_empty(), "nothing to do logs nothing at info");
+}
+
+#[test]
+fn an_existing_nvram_is_kept_while_the_tpm_comes_back() {
+    let h = host("keepnvram", "");
+    let (permall, _) = captured_efi(&h);
+    std::fs::remove_dir_all(h.swtpm.join(UUID_EFI)).unwrap();
+    std::fs::write(h.nvram_path(), b"newer vars").unwrap();
+    assert_eq!(prepare(&h, &h.efi_xml()).status.code(), Some(0));
+    assert_eq!(
+        std::fs::read(h.state_dir(UUID_EFI).join("tpm2-00.permall")).unwrap(),
+        permall
+    );
+    assert_eq!(std::fs::read(h.nvram_path()).unwrap(), b"newer vars");
+    assert!(h.logs().last().unwrap().contains("exists, kept"));
+}
+
+#[test]
+fn a_state_dir_without_state_is_replaced_whole() {
+    let h = host("emptydir", "");
+    let (permall, _) = captured_efi(&h);
+    std::fs::remove_file(h.state_dir(UUID_EFI).join("tpm2-00.permall")).unwrap();
+    assert!(h.state_dir(UUID_EFI).join(".lock").exists());
+    assert_eq!(prepare(&h, &h.efi_xml()).status.code(), Some(0));
+    assert_eq!(
+        std::fs::read(h.state_dir(UUID_EFI).join("tpm2-00.permall")).unwrap(),
+        permall
+    );
+    assert!(!h.state_dir(UUID_EFI).join(".lock").exists());
+    assert_eq!(
+        std::fs::read_dir(h.swtpm.join(UUID_EFI)).unwrap().count(),
+        1,
+        "the old dir was removed"
+    );
+}
+
+#[test]
+fn restore_off_restores_nothing() {
+    let h = host("off", "restore = \"off\"\n");
+    captured_efi(&h);
+    lose_everything(&h);
+    assert_eq!(prepare(&h, &h.efi_xml()).status.code(), Some(0));
+    assert!(!h.swtpm.join(UUID_EFI).exists());
+    assert!(!h.nvram_path().exists());
+}
+
+#[test]
+fn a_vm_the_store_never_saw_starts_normally_and_leaves_no_trace() {
+    let h = host("unknown", "");
+    let out = prepare(&h, &h.efi_xml());
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!h.store.exists());
+    assert!(!h.swtpm.join(UUID_EFI).exists());
+    assert!(h.logs().is_empty());
+}
+
+#[test]
+fn an_incoming_migration_is_not_overwritten_with_an_old_copy() {
+    let h = host("incoming", "");
+    captured_efi(&h);
+    lose_everything(&h);
+    for op in ["migrate", "restore"] {
+        h.logs();
+        assert_eq!(
+            h.hook("efitest", op, "begin", "-", &h.efi_xml())
+                .status
+                .code(),
+            Some(0)
+        );
+        let out = prepare(&h, &h.efi_xml());
+        assert_eq!(out.status.code(), Some(0), "nothing is wrong: no abort");
+        assert!(
+            !h.swtpm.join(UUID_EFI).exists(),
+            "{op}: restored over an incoming state"
+        );
+        let logs = h.logs();
+        assert!(
+            logs.last()
+                .unwrap()
+                .contains(&format!("arrives with the incoming {op}")),
+            "{logs:?}"
+        );
+    }
+    // The marker is used up: a later plain start restores.
+    assert_eq!(prepare(&h, &h.efi_xml()).status.code(), Some(0));
+    assert!(h.state_dir(UUID_EFI).join("tpm2-00.permall").exists());
+}
+
+#[test]
+fn a_stale_incoming_marker_is_ignored() {
+    let h = host("stalemarker", "");
+    captured_efi(&h);
+    lose_everything(&h);
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    std::fs::write(
+        h.vm_store(UUID_EFI)
+            .join(format!("incoming-{host_name}.json")),
+        r#"{"event":"migrate","time_unix":1000}"#,
+    )
+    .unwrap();
+    assert_eq!(prepare(&h, &h.efi_xml()).status.code(), Some(0));
+    assert!(h.state_dir(UUID_EFI).join("tpm2-00.permall").exists());
+}
+
+fn assert_refused(h: &Host, xml: &[u8], why: &str) {
+    h.logs();
+    let out = prepare(h, xml);
+    assert_eq!(out.status.code(), Some(1), "a refusal aborts the start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to start efitest with a new TPM") && err.contains(why),
+        "{err}"
+    );
+    assert!(err.contains("To fix:"), "{err}");
+    assert!(
+        !h.swtpm.join(UUID_EFI).exists(),
+        "wrote a state while refusing"
+    );
+    assert!(!h.nvram_path().exists(), "wrote an NVRAM while refusing");
+    let logs = h.logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.starts_with("<27>") && l.contains("NOT restored") && l.contains(why)),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn a_state_captured_when_the_vm_migrated_away_is_refused() {
+    let h = host("migratedaway", "");
+    captured_efi(&h);
+    // libvirt 10.5+: release after an outgoing migration says so.
+    h.hook("efitest", "release", "end", "migrated", &h.efi_xml());
+    lose_everything(&h);
+    assert_refused(&h, &h.efi_xml(), "migrated to another host");
+}
+
+#[test]
+fn a_state_of_another_secret_is_refused() {
+    let h = host("secret", "");
+    captured_efi(&h);
+    lose_everything(&h);
+    let other = String::from_utf8(h.efi_xml()).unwrap().replace(
+        "0f0e0d0c-0b0a-4909-8807-060504030201",
+        "99999999-0b0a-4909-8807-060504030201",
+    );
+    assert_refused(
+        &h,
+        other.as_bytes(),
+        "encrypted with libvirt secret 0f0e0d0c",
+    );
+    let none = String::from_utf8(h.efi_xml()).unwrap().replace(
+        "<encryption secret='0f0e0d0c-0b0a-4909-8807-060504030201'/>",
+        "",
+    );
+    assert_refused(&h, none.as_bytes(), "now uses none");
+}
+
+#[test]
+fn a_state_of_another_tpm_version_is_refused() {
+    let h = host("version", "");
+    captured_efi(&h);
+    lose_everything(&h);
+    let v12 = String::from_utf8(h.efi_xml())
+        .unwrap()
+        .replace("version='2.0'", "version='1.2'");
+    h.logs();
+    let out = prepare(&h, v12.as_bytes());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("TPM 2.0 state but the domain now has a TPM 1.2"));
+}
+
+#[test]
+fn on_refusal_continue_lets_libvirt_start_with_a_new_tpm() {
+    let h = host("continue", "on_refusal = \"continue\"\n");
+    captured_efi(&h);
+    h.hook("efitest", "release", "end", "migrated", &h.efi_xml());
+    lose_everything(&h);
+    h.logs();
+    let out = prepare(&h, &h.efi_xml());
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!h.swtpm.join(UUID_EFI).exists());
+    assert!(h
+        .logs()
+        .iter()
+        .any(|l| l.contains("NOT restored") && l.contains("on_refusal = \"continue\"")));
+}
+
+#[test]
+fn a_damaged_newest_generation_falls_back_to_an_older_good_one() {
+    let h = host("fallback", "");
+    let (permall, nvram) = captured_efi(&h);
+    // A second, different state; then damage it in the store.
+    let mut newer = permall.clone();
+    newer[200] ^= 1;
+    h.put_state(UUID_EFI, &[("tpm2-00.permall", &newer)]);
+    h.hook("efitest", "stopped", "end", "-", &h.efi_xml());
+    let gens = h.generations(UUID_EFI);
+    assert_eq!(gens.len(), 2);
+    let damaged = h.vm_store(UUID_EFI).join(&gens[1]).join("tpm2-00.permall");
+    let mut b = std::fs::read(&damaged).unwrap();
+    b[300] ^= 0xff;
+    std::fs::write(&damaged, b).unwrap();
+    lose_everything(&h);
+    h.logs();
+    assert_eq!(prepare(&h, &h.efi_xml()).status.code(), Some(0));
+    assert_eq!(
+        std::fs::read(h.state_dir(UUID_EFI).join("tpm2-00.permall")).unwrap(),
+        permall
+    );
+    assert_eq!(std::fs::read(h.nvram_path()).unwrap(), nvram);
+    let logs = h.logs();
+    assert!(
+        logs[0].starts_with("<28>")
+            && logs[0].contains(&gens[1])
+            && logs[0].contains("checksum mismatch"),
+        "{logs:?}"
+    );
+    assert!(
+        logs[1].contains(&format!("from generation {}", gens[0])),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn no_good_generation_at_all_is_refused() {
+    let h = host("allbad", "");
+    captured_efi(&h);
+    let g = h.vm_store(UUID_EFI).join(&h.generations(UUID_EFI)[0]);
+    std::fs::write(g.join("nvram.fd"), b"tampered").unwrap();
+    lose_everything(&h);
+    assert_refused(&h, &h.efi_xml(), "no stored generation passes verification");
+}
+
+#[test]
+fn a_parent_writable_by_others_is_refused_and_not_written() {
+    let h = host("untrusted", "");
+    captured_efi(&h);
+    std::fs::remove_dir_all(h.state_dir(UUID_EFI)).unwrap();
+    std::fs::remove_file(h.nvram_path()).unwrap();
+    std::fs::set_permissions(
+        h.swtpm.join(UUID_EFI),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    h.logs();
+    let out = prepare(&h, &h.efi_xml());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("writable by uid 0 (mode 777)"));
+    assert!(!h.state_dir(UUID_EFI).exists());
+}
+
+#[test]
+fn a_link_planted_at_the_nvram_path_is_never_followed() {
+    let h = host("nvramplant", "");
+    let (permall, _) = captured_efi(&h);
+    lose_everything(&h);
+    // The qemu user can write the NVRAM directory: a link to a root file.
+    std::fs::set_permissions(&h.nvram_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let victim = h.root.join("victim");
+    std::fs::write(&victim, b"root's file").unwrap();
+    std::os::unix::fs::symlink(&victim, h.nvram_path()).unwrap();
+    assert_eq!(prepare(&h, &h.efi_xml()).status.code(), Some(0));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"root's file");
+    assert!(std::fs::symlink_metadata(h.nvram_path())
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read(h.state_dir(UUID_EFI).join("tpm2-00.permall")).unwrap(),
+        permall
+    );
+}
+
+#[test]
+fn prepare_of_a_vm_without_tpm_does_nothing() {
+    let h = host("prepnotpm", "");
+    assert_eq!(
+        h.hook(
+            "notpm",
+            "prepare",
+            "begin",
+            "-",
+            &fixture("no-tpm.stopped.xml")
+        )
+        .status
+        .code(),
+        Some(0)
+    );
+    assert!(!h.store.exists());
+    assert!(h.logs().is_empty());
+}
