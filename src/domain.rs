@@ -76,6 +76,9 @@ pub struct Domain {
     /// The UEFI variable store (`<os><nvram>`), when it is a local file.
     pub nvram: Option<PathBuf>,
     pub nvram_template: Option<String>,
+    /// `<os firmware='efi'>`: firmware auto-selection. On libvirt 9.0 the
+    /// XML at `prepare` does not name the NVRAM file yet.
+    pub firmware: Option<String>,
 }
 
 // --- serde mirror of the parts of the document we read ---
@@ -90,6 +93,8 @@ struct XDomain {
 
 #[derive(Deserialize)]
 struct XOs {
+    #[serde(rename = "@firmware")]
+    firmware: Option<String>,
     nvram: Option<XNvram>,
 }
 
@@ -260,6 +265,7 @@ impl Domain {
         }
 
         let (mut nvram, mut nvram_template) = (None, None);
+        let firmware = d.os.as_ref().and_then(|o| o.firmware.clone());
         if let Some(n) = d.os.and_then(|o| o.nvram) {
             nvram_template = n.template;
             let file = match n.kind.as_deref() {
@@ -278,6 +284,7 @@ impl Domain {
             tpm,
             nvram,
             nvram_template,
+            firmware,
         })
     }
 }
@@ -313,6 +320,14 @@ mod tests {
             d.nvram_template.as_deref(),
             Some("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
         );
+    }
+
+    #[test]
+    fn prepare_xml_of_auto_selected_efi_names_no_nvram_yet() {
+        let d = Domain::parse(&fixture("efi-secureboot-encrypted-tpm.prepare.xml")).unwrap();
+        assert_eq!(d.firmware.as_deref(), Some("efi"));
+        assert!(d.nvram.is_none());
+        assert!(d.tpm.is_some());
     }
 
     #[test]

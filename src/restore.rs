@@ -284,7 +284,8 @@ pub fn put_back(
     qemu_owner: &Owner,
 ) -> Result<NvramOutcome> {
     let mut nvram = NvramOutcome::None;
-    if let (Some(path), Some(bytes)) = (&domain.nvram, gen.file(manifest::NVRAM)) {
+    let path = nvram_path(domain, &gen.manifest);
+    if let (Some(path), Some(bytes)) = (&path, gen.file(manifest::NVRAM)) {
         nvram = if put_file(path, bytes, qemu_owner, true)? {
             NvramOutcome::Restored(path.clone())
         } else {
@@ -320,6 +321,26 @@ pub fn put_back(
         }
     }
     Ok(nvram)
+}
+
+/// Where libvirt will look for the NVRAM file. The domain XML names it,
+/// except at `prepare` of a VM with firmware auto-selection on libvirt 9.0,
+/// which resolves it later as `<nvram dir>/<name>_VARS.fd`: then use the
+/// directory recorded at capture and the VM's current name.
+pub fn nvram_path(domain: &Domain, m: &Manifest) -> Option<PathBuf> {
+    if let Some(p) = &domain.nvram {
+        return Some(p.clone());
+    }
+    if domain.firmware.as_deref() != Some("efi") {
+        return None;
+    }
+    let recorded = PathBuf::from(&m.nvram.as_ref()?.path);
+    let file = recorded.file_name()?.to_str()?;
+    let renamed = match file.strip_prefix(m.name.as_str()) {
+        Some(rest) if rest.starts_with("_VARS") => format!("{}{rest}", domain.name),
+        _ => file.to_owned(),
+    };
+    Some(recorded.with_file_name(renamed))
 }
 
 fn version_of(gen: &Loaded) -> crate::domain::TpmVersion {

@@ -427,3 +427,25 @@ fn prepare_of_a_vm_without_tpm_does_nothing() {
     assert!(!h.store.exists());
     assert!(h.logs().is_empty());
 }
+
+#[test]
+fn auto_selected_efi_gets_its_nvram_back_though_prepare_xml_names_none() {
+    // libvirt 9.0 resolves <nvram> after the prepare hook: the real
+    // prepare XML of such a VM has <os firmware='efi'> and no path.
+    let h = host("efiauto", "");
+    let (permall, nvram) = captured_efi(&h);
+    lose_everything(&h);
+    let xml = fixture("efi-secureboot-encrypted-tpm.prepare.xml");
+    assert!(!String::from_utf8_lossy(&xml).contains("<nvram"));
+    assert_eq!(prepare(&h, &xml).status.code(), Some(0));
+    assert_eq!(
+        std::fs::read(h.state_dir(UUID_EFI).join("tpm2-00.permall")).unwrap(),
+        permall
+    );
+    assert_eq!(
+        std::fs::read(h.nvram_path()).unwrap(),
+        nvram,
+        "NVRAM restored at {}",
+        h.nvram_path().display()
+    );
+}

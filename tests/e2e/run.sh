@@ -29,6 +29,7 @@ nok() { FAIL=$((FAIL + 1)); echo "FAIL - $*"; }
 # check "what it pins" command...
 check() { local what=$1; shift; if "$@"; then ok "$what"; else nok "$what"; fi; }
 same_file() { cmp -s "$1" "$2"; }
+quiet() { "$@" >/dev/null 2>&1; }
 
 [ "$(id -u)" = 0 ] || die "run as root: the suite drives the system libvirtd"
 "$HERE/setup.sh" || die "cannot install or start libvirt (see above)"
@@ -64,15 +65,22 @@ store_dir = "$STORE"
 generations = 5
 CONF
 rm -rf "$STORE" "$SNAP"
-# Runs after swtpm-keeper (strcmp order) at release, the last moment before
-# libvirt deletes a transient VM's state: keeps the bytes libvirt deleted.
+# Runs after swtpm-keeper (strcmp order): at release, the last moment
+# before libvirt deletes a transient VM's state, it keeps the bytes libvirt
+# deletes; at prepare, what swtpm-keeper just put back (with the permall's
+# inode), before swtpm or the firmware touch it.
 cat >"$SNAPHOOK" <<'HOOK'
 #!/bin/sh
-[ "$2" = release ] || exit 0
+case "$2" in release|prepare) ;; *) exit 0 ;; esac
 uuid=$(sed -n 's:.*<uuid>\(.*\)</uuid>.*:\1:p' | head -n 1)
-if [ -n "$uuid" ] && [ -d "/var/lib/libvirt/swtpm/$uuid" ]; then
-    mkdir -p "/run/swk-e2e-snapshots/$uuid" && cp -a "/var/lib/libvirt/swtpm/$uuid/." "/run/swk-e2e-snapshots/$uuid/"
-fi
+[ -n "$uuid" ] || exit 0
+dest="/run/swk-e2e-snapshots/$2/$uuid"
+rm -rf "$dest" && mkdir -p "$dest"
+src="/var/lib/libvirt/swtpm/$uuid"
+[ -d "$src" ] && cp -a "$src/." "$dest/"
+[ -e "$src/tpm2/tpm2-00.permall" ] && stat -c %i "$src/tpm2/tpm2-00.permall" >"$dest/permall.inode"
+nv="/var/lib/libvirt/qemu/nvram/$1_VARS.fd"
+[ -e "$nv" ] && cp -a "$nv" "$dest/nvram.fd"
 exit 0
 HOOK
 chmod 0755 "$SNAPHOOK"
@@ -80,19 +88,68 @@ for pid in $(pidof libvirtd); do kill -HUP "$pid"; done
 sleep 1
 
 # domain_xml NAME UUID TPM(yes|no) [extra devices]
+# domain_xml NAME UUID TPM(yes|no|SECRET-UUID)
 domain_xml() {
     local tpm=""
-    [ "$3" = yes ] && tpm="<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
+    case "$3" in
+        yes) tpm="<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>" ;;
+        no) ;;
+        *) tpm="<tpm model='tpm-crb'><backend type='emulator' version='2.0'><encryption secret='$3'/></backend></tpm>" ;;
+    esac
     cat <<XML
 <domain type='qemu'>
   <name>$1</name>
   <uuid>$2</uuid>
   <memory unit='MiB'>64</memory>
   <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices>$tpm${4:-}<graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices>
+  <devices>$tpm<graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices>
 </domain>
 XML
 }
+
+# An EFI VM with Secure Boot and enrolled keys, firmware auto-selected.
+efi_xml() {
+    cat <<XML
+<domain type='qemu'>
+  <name>$1</name>
+  <uuid>$2</uuid>
+  <memory unit='MiB'>256</memory>
+  <os firmware='efi'>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <firmware><feature enabled='yes' name='secure-boot'/><feature enabled='yes' name='enrolled-keys'/></firmware>
+  </os>
+  <features><acpi/><smm state='on'/></features>
+  <devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm><graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices>
+</domain>
+XML
+}
+
+# Look inside a TPM at rest: a standalone swtpm on a state dir, tpm2-tools.
+TPM_PORT=23210
+TCTI="swtpm:host=127.0.0.1,port=$TPM_PORT"
+tpm_open() {
+    swtpm socket --tpm2 --tpmstate dir="$1" \
+        --server type=tcp,port=$TPM_PORT,bindaddr=127.0.0.1 \
+        --ctrl type=tcp,port=$((TPM_PORT + 1)),bindaddr=127.0.0.1 \
+        --flags not-need-init,startup-clear --daemon --pid file="$WORK/swtpm.pid" || return 1
+    wait_for 10 tpm2_getcap -T "$TCTI" properties-fixed >/dev/null 2>&1
+}
+tpm_close() {
+    swtpm_ioctl --tcp 127.0.0.1:$((TPM_PORT + 1)) -s >/dev/null 2>&1
+    local pid; pid=$(cat "$WORK/swtpm.pid" 2>/dev/null)
+    [ -n "$pid" ] && wait_for 10 sh -c "! kill -0 $pid 2>/dev/null"
+    rm -f "$WORK/swtpm.pid"
+}
+# The endorsement key's public part: derived from the TPM's seed.
+ek_pub() { tpm2_createek -T "$TCTI" -c "$WORK/ek.ctx" -G rsa -u "$1" >/dev/null 2>&1; }
+# ek_of_copy DIR OUT: the EK of a state copied out of libvirt's or our paths.
+ek_of_copy() {
+    rm -rf "$WORK/tpmcopy" && mkdir -p "$WORK/tpmcopy" && cp "$1"/tpm2-00.* "$WORK/tpmcopy/" &&
+        tpm_open "$WORK/tpmcopy" && ek_pub "$2"; local rc=$?
+    tpm_close
+    return $rc
+}
+NV_INDEX=0x1500016
 
 wait_for() { # seconds command...
     local n=$(($1 * 10)); shift
@@ -142,10 +199,10 @@ virsh create "$WORK/$N.xml" >/dev/null || die "virsh create $N failed"
 check "transient: swtpm created its state" wait_for 20 test -s $SWTPM/$U/tpm2/tpm2-00.permall
 virsh destroy $N >/dev/null
 check "transient: libvirt deleted the TPM state at stop" wait_for 5 test ! -e $SWTPM/$U
-check "transient: the snapshot hook saw the state before deletion" test -s "$SNAP/$U/tpm2/tpm2-00.permall"
+check "transient: the snapshot hook saw the state before deletion" test -s "$SNAP/release/$U/tpm2/tpm2-00.permall"
 G=$(newest_gen $U)
 check "transient: the store holds a generation" test -n "$G"
-check "transient: its permall is byte-identical to the one libvirt deleted" same_file "$G/tpm2-00.permall" "$SNAP/$U/tpm2/tpm2-00.permall"
+check "transient: its permall is byte-identical to the one libvirt deleted" same_file "$G/tpm2-00.permall" "$SNAP/release/$U/tpm2/tpm2-00.permall"
 check "transient: domain.xml is the XML libvirt passed" grep -q '"domain_xml_from": "hook-stdin"' "$G/manifest.json"
 check "transient: the generation verifies with sha256sum -c" sh -c "cd '$G' && sha256sum -c --quiet SHA256SUMS"
 
@@ -157,6 +214,137 @@ virsh create "$WORK/$N.xml" >/dev/null || die "virsh create $N failed"
 virsh destroy $N >/dev/null
 check "no TPM: nothing in the store" test ! -e "$STORE/$U"
 check "no TPM: nothing in syslog" sh -c "! grep -qF 'uuid=$U' /var/log/syslog"
+
+
+# --- 4. a TPM's contents survive undefine: NV index and EK, looked at inside ---
+N=swk-e2e-nv U=5ee2e000-0000-4000-8000-000000000011
+VMS+=("$N")
+domain_xml $N $U yes >"$WORK/$N.xml"
+virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N"
+wait_for 20 test -s $SWTPM/$U/tpm2/tpm2-00.permall || die "$N: no TPM state"
+virsh destroy $N >/dev/null
+tpm_open $SWTPM/$U/tpm2 || die "cannot open $N's TPM with a standalone swtpm"
+head -c 32 /dev/urandom >"$WORK/nv.in"
+tpm2_nvdefine -T "$TCTI" $NV_INDEX -C o -s 32 -a "ownerread|ownerwrite" >/dev/null &&
+    tpm2_nvwrite -T "$TCTI" $NV_INDEX -C o -i "$WORK/nv.in" || die "cannot write NV index"
+ek_pub "$WORK/ek.before" || die "cannot read the EK"
+tpm_close
+virsh start $N >/dev/null && virsh destroy $N >/dev/null   # a stop captures the TPM with its NV index
+virsh undefine --nvram $N >/dev/null
+check "nv: undefine deleted the TPM holding the NV index" test ! -e $SWTPM/$U
+G=$(newest_gen $U)
+virsh define "$G/domain.xml" >/dev/null || die "cannot define $N from $G/domain.xml"
+check "nv: the start after define succeeds" quiet virsh start $N
+check "nv: syslog says what was restored, from which generation" \
+    wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "restored TPM 2.0 state from generation $(basename "$G")"
+virsh destroy $N >/dev/null
+if tpm_open $SWTPM/$U/tpm2; then
+    tpm2_nvread -T "$TCTI" $NV_INDEX -C o -s 32 -o "$WORK/nv.out" >/dev/null 2>&1
+    ek_pub "$WORK/ek.after"
+    tpm_close
+    check "nv: the NV index holds the same random value" same_file "$WORK/nv.in" "$WORK/nv.out"
+    check "nv: the endorsement key is unchanged" same_file "$WORK/ek.before" "$WORK/ek.after"
+else
+    nok "nv: cannot open the restored TPM"
+fi
+
+# --- 5. an existing state is never touched ---
+PERM=$SWTPM/$U/tpm2/tpm2-00.permall
+INODE=$(stat -c %i $PERM) && cp $PERM "$WORK/existing.permall"
+virsh start $N >/dev/null && virsh destroy $N >/dev/null
+check "existing: at prepare the permall was the same file, unchanged" \
+    sh -c "[ \"$(cat $SNAP/prepare/$U/permall.inode 2>/dev/null)\" = $INODE ] && cmp -s $SNAP/prepare/$U/tpm2/tpm2-00.permall $WORK/existing.permall"
+check "existing: no restore was logged" sh -c "[ \$(grep -cF 'vm=$N uuid=$U event=prepare/begin' /var/log/syslog) = 1 ]"
+virsh undefine $N >/dev/null
+
+# --- 6. UEFI Secure Boot: NVRAM and TPM come back together ---
+N=swk-e2e-efi U=5ee2e000-0000-4000-8000-000000000012
+VMS+=("$N")
+NVF=/var/lib/libvirt/qemu/nvram/${N}_VARS.fd
+efi_xml $N $U >"$WORK/$N.xml"
+virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N (ovmf installed?)"
+wait_for 20 test -s $SWTPM/$U/tpm2/tpm2-00.permall || die "$N: no TPM state"
+sleep 3   # let OVMF run a little
+virsh destroy $N >/dev/null
+cp $NVF "$WORK/efi.vars" && cp $SWTPM/$U/tpm2/tpm2-00.permall "$WORK/efi.permall"
+virsh undefine --nvram $N >/dev/null
+check "efi: undefine --nvram deleted NVRAM and TPM" sh -c "[ ! -e $NVF ] && [ ! -e $SWTPM/$U ]"
+G=$(newest_gen $U)
+check "efi: the generation holds the NVRAM" same_file "$G/nvram.fd" "$WORK/efi.vars"
+virsh define "$G/domain.xml" >/dev/null || die "cannot define $N from $G/domain.xml"
+check "efi: the start after define succeeds" quiet virsh start $N
+virsh destroy $N >/dev/null
+check "efi: the TPM state put back is byte-identical" same_file "$SNAP/prepare/$U/tpm2/tpm2-00.permall" "$WORK/efi.permall"
+check "efi: the NVRAM put back is byte-identical" same_file "$SNAP/prepare/$U/nvram.fd" "$WORK/efi.vars"
+check "efi: restored files have libvirt's owners" \
+    sh -c "[ \"$(stat -c %U:%a $SNAP/prepare/$U/tpm2/tpm2-00.permall $SNAP/prepare/$U/nvram.fd | tr '\n' ' ')\" = 'tss:600 libvirt-qemu:600 ' ]"
+virsh undefine --nvram $N >/dev/null
+
+# --- 7. transient VM: create, destroy, create again: the same TPM ---
+N=swk-e2e-again U=5ee2e000-0000-4000-8000-000000000013
+VMS+=("$N")
+domain_xml $N $U yes >"$WORK/$N.xml"
+virsh create "$WORK/$N.xml" >/dev/null || die "virsh create $N failed"
+wait_for 20 test -s $SWTPM/$U/tpm2/tpm2-00.permall
+virsh destroy $N >/dev/null
+G1=$(newest_gen $U)
+virsh create "$WORK/$N.xml" >/dev/null || die "second virsh create $N failed"
+virsh destroy $N >/dev/null
+check "transient again: the TPM put back at prepare is the stored one" same_file "$SNAP/prepare/$U/tpm2/tpm2-00.permall" "$G1/tpm2-00.permall"
+ek_of_copy "$G1" "$WORK/ek1" && ek_of_copy "$SNAP/release/$U/tpm2" "$WORK/ek2"
+check "transient again: after the second run it is the same TPM (same EK)" same_file "$WORK/ek1" "$WORK/ek2"
+
+# --- 8. restore = "off" restores nothing ---
+printf 'store_dir = "%s"\nrestore = "off"\n' "$STORE" >"$CONF"
+virsh create "$WORK/$N.xml" >/dev/null && virsh destroy $N >/dev/null
+check "restore off: nothing was put back at prepare" test ! -e "$SNAP/prepare/$U/tpm2"
+ek_of_copy "$SNAP/release/$U/tpm2" "$WORK/ek3"
+check "restore off: libvirt made a new TPM (another EK)" sh -c "! cmp -s $WORK/ek1 $WORK/ek3"
+printf 'store_dir = "%s"\n' "$STORE" >"$CONF"
+
+# --- 9. encrypted state: same secret restores; a new secret is refused ---
+N=swk-e2e-enc U=5ee2e000-0000-4000-8000-000000000014
+S1=5ee2e000-0000-4000-8000-0000000000a1 S2=5ee2e000-0000-4000-8000-0000000000a2
+VMS+=("$N")
+secret() {
+    printf "<secret ephemeral='no' private='yes'><uuid>%s</uuid><usage type='vtpm'><name>swk-e2e-%s</name></usage></secret>" "$1" "$1" >"$WORK/secret.xml"
+    virsh secret-define "$WORK/secret.xml" >/dev/null &&
+        head -c 32 /dev/urandom | base64 >"$WORK/secret.b64" &&
+        virsh secret-set-value "$1" --file "$WORK/secret.b64" >/dev/null
+}
+virsh secret-undefine $S1 >/dev/null 2>&1; virsh secret-undefine $S2 >/dev/null 2>&1
+secret $S1 || die "cannot define a vtpm secret"
+domain_xml $N $U $S1 >"$WORK/$N.xml"
+virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N with an encrypted TPM"
+wait_for 20 test -s $SWTPM/$U/tpm2/tpm2-00.permall
+virsh destroy $N >/dev/null
+cp $SWTPM/$U/tpm2/tpm2-00.permall "$WORK/enc.permall"
+virsh undefine $N >/dev/null
+G=$(newest_gen $U)
+check "encrypted: the stored state is encrypted (header flags)" grep -q '"header_flags": 9' "$G/manifest.json"
+virsh define "$G/domain.xml" >/dev/null
+check "encrypted: with the same secret the restored TPM starts" quiet virsh start $N
+virsh destroy $N >/dev/null
+check "encrypted: what was put back is the stored state" same_file "$SNAP/prepare/$U/tpm2/tpm2-00.permall" "$WORK/enc.permall"
+virsh undefine $N >/dev/null
+virsh secret-undefine $S1 >/dev/null
+secret $S2 || die "cannot define the second secret"
+domain_xml $N $U $S2 >"$WORK/$N.xml"
+virsh define "$WORK/$N.xml" >/dev/null
+GENS_BEFORE=$(gen_count $U)
+if virsh start $N >"$WORK/start.out" 2>&1; then
+    nok "encrypted: a start with another secret is refused"
+    virsh destroy $N >/dev/null
+else
+    ok "encrypted: a start with another secret is refused"
+    sed 's/^/#   /' "$WORK/start.out"
+fi
+check "encrypted: libvirt shows why" grep -q "refusing to start $N with a new TPM.*encrypted with libvirt secret $S1" "$WORK/start.out"
+check "encrypted: nothing was written to libvirt's path" test ! -e $SWTPM/$U/tpm2/tpm2-00.permall
+check "encrypted: the store is unchanged" test "$(gen_count $U)" = "$GENS_BEFORE"
+check "encrypted: the refusal is in syslog" wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "TPM state NOT restored"
+virsh undefine $N >/dev/null
+virsh secret-undefine $S2 >/dev/null
 
 echo "e2e: $PASS passed, $FAIL failed"
 [ "$FAIL" = 0 ]
