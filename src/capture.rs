@@ -11,7 +11,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, FileData};
 use crate::manifest::{self, FileEntry, Manifest, NvramInfo, TpmInfo};
 use crate::restore;
-use crate::store::Store;
+use crate::store::{Store, VmStore};
 use crate::swtpm::{self, StateLocation};
 use crate::users;
 
@@ -200,8 +200,19 @@ pub fn capture(
     event: &Event,
     live_xml: &[u8],
 ) -> Result<Outcome> {
-    let store = Store::new(&cfg.store_dir);
-    let vm = store.open_vm(&domain.uuid, cfg.lock_timeout())?;
+    let vm = Store::new(&cfg.store_dir).open_vm(&domain.uuid, cfg.lock_timeout())?;
+    capture_locked(cfg, &vm, domain, tpm, event, live_xml)
+}
+
+/// The same, into a VM store the caller has locked exclusively.
+pub fn capture_locked(
+    cfg: &Config,
+    vm: &VmStore,
+    domain: &Domain,
+    tpm: &Tpm,
+    event: &Event,
+    live_xml: &[u8],
+) -> Result<Outcome> {
     let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
     let Some((mut files, header_flags)) = read_state(&loc, tpm.version, cfg.max_file_size)? else {
         return Ok(Outcome::NoState {
@@ -308,7 +319,7 @@ pub fn capture(
         if let Ok(prev) = vm.read_manifest(newest) {
             if prev.state_identity() == m.state_identity() {
                 if migrated {
-                    restore::note_migrated_away(&vm, newest)?;
+                    restore::note_migrated_away(vm, newest)?;
                 }
                 return Ok(Outcome::Unchanged {
                     generation: newest.clone(),
@@ -324,7 +335,7 @@ pub fn capture(
         files.into_iter().map(|c| (c.name, c.data.bytes)).collect();
     let (generation, removed) = vm.add_generation(&payload, &m, cfg.generations as usize)?;
     if migrated {
-        restore::note_migrated_away(&vm, &generation)?;
+        restore::note_migrated_away(vm, &generation)?;
     }
     Ok(Outcome::Stored {
         path: vm.dir().join(&generation),

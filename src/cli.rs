@@ -1,4 +1,5 @@
-//! The command line: `swtpm-keeper <command> [args]`.
+//! The command line: `swtpm-keeper <command> [options]`. Hand-rolled (no
+//! argument-parsing dependency): a few commands with a few flags each.
 
 use crate::error::{Error, Result};
 use crate::hook::HookArgs;
@@ -7,67 +8,410 @@ pub const USAGE: &str = "\
 swtpm-keeper - keep every libvirt VM's vTPM (swtpm) state and UEFI NVRAM
 
 USAGE:
-    swtpm-keeper hook <domain> <op> <sub-op> <extra>   (run as libvirt runs a hook)
-    swtpm-keeper --help | --version
+    swtpm-keeper <command> [options]
 
-As a libvirt hook, install it (or a symlink to it) as
-/etc/libvirt/hooks/qemu.d/swtpm-keeper, or as /etc/libvirt/hooks/qemu
-for libvirt older than 6.5, and restart libvirtd. It then captures the
-TPM state of every VM at each stop (events `stopped end` and
-`release end`) into the store, and ignores every other event.
+COMMANDS:
+    list                  every VM in the store: generations, newest capture, size, flags
+    show <vm>             one VM's generations, files and checksums; --xml prints domain.xml
+    verify [<vm>...]      check every generation against SHA256SUMS and swtpm's header rules
+    restore <vm>          put a stored state back into libvirt's paths for a stopped VM
+    prune                 remove old generations (--keep N, --older-than DAYS)
+    check                 is the hook installed, active, and the store sound?
+    hook <domain> <op> <sub-op> <extra>
+                          run as libvirt runs the hook (domain XML on stdin)
+
+<vm> is a VM's name or UUID. `swtpm-keeper <command> --help` says more.
+
+As a libvirt hook, the program is installed (or linked) as
+/etc/libvirt/hooks/qemu.d/swtpm-keeper (or /etc/libvirt/hooks/qemu for
+libvirt older than 6.5). It captures every VM's TPM state at each stop,
+and puts a lost state back at the next start. See swtpm-keeper(8).
 
 Configuration: /etc/swtpm-keeper/swtpm-keeper.conf, or the file named by
-SWTPM_KEEPER_CONFIG. Log lines go to syslog (facility daemon, ident
-swtpm-keeper). See swtpm-keeper(8) and swtpm-keeper.conf(5).
+SWTPM_KEEPER_CONFIG; see swtpm-keeper.conf(5).
 
-EXIT STATUS: 0 success, 1 failure or refusal, 2 usage or configuration error.
-As a hook, stop events always exit 0.
+EXIT STATUS: 0 fine; 1 a problem found, or refused; 2 usage or
+configuration error. As a hook, stop events always exit 0.
+";
+
+const LIST_HELP: &str = "\
+swtpm-keeper list [--json]
+
+Every VM the store holds states for: name, UUID, number of generations,
+the newest capture's time and event, the total size, and flags:
+  encrypted  the newest state is encrypted (<encryption secret=...>)
+  nvram      the newest generation holds the UEFI vars file
+  migrated   the newest state was captured when the VM migrated away
+  defined    libvirt on this host defines the VM (its config dir has it)
+
+--json prints {\"version\": 1, \"vms\": [...]} for scripts; see
+swtpm-keeper(8) for the schema.
+";
+
+const SHOW_HELP: &str = "\
+swtpm-keeper show <vm> [--json] [--xml [GENERATION]]
+
+A VM's generations, newest first: capture time, host, event and shutoff
+reason, TPM version and encryption secret, and each file with its size,
+original mode and owner, and SHA-256.
+
+--json        the same as JSON ({\"version\": 1, ...})
+--xml [GEN]   print only the stored domain.xml of GEN (default: the
+              newest), which `virsh define` accepts:
+                swtpm-keeper show win11 --xml > win11.xml && virsh define win11.xml
+";
+
+const VERIFY_HELP: &str = "\
+swtpm-keeper verify [<vm>...]
+
+Check every generation of the named VMs (default: all) against its
+SHA256SUMS, its manifest, and swtpm's header rules. Prints one line per
+generation; exits 1 if any is bad.
+";
+
+const RESTORE_HELP: &str = "\
+swtpm-keeper restore <vm> [--generation GEN] [--force]
+
+Put a stored state (default: the newest generation that verifies) back
+into libvirt's paths for a stopped VM: the swtpm state, and the UEFI vars
+file if it is missing. Then start the VM.
+
+It refuses while the VM or its swtpm runs. It refuses to replace an
+existing TPM state, and it refuses a state that the hook would refuse
+(captured when the VM migrated away, another encryption secret, another
+TPM version), unless --force is given.
+
+--generation GEN  restore this generation (see `swtpm-keeper show <vm>`)
+--force           replace an existing state and NVRAM, and override the
+                  refusals. The existing state is first captured as a new
+                  generation, so a restore never loses anything.
+";
+
+const PRUNE_HELP: &str = "\
+swtpm-keeper prune [--keep N] [--older-than DAYS] [--vm VM]... [--dry-run]
+
+Remove generations beyond the hook's own retention (`generations` in the
+configuration). At least one of --keep and --older-than is needed.
+
+--keep N           keep the newest N generations of each VM
+--older-than DAYS  remove generations captured more than DAYS days ago
+--vm VM            only this VM (repeatable); default: every VM
+--dry-run          say what would be removed, remove nothing
+
+The last generation of a VM that libvirt still defines is never removed,
+unless the VM is named with --vm.
+";
+
+const CHECK_HELP: &str = "\
+swtpm-keeper check
+
+Is everything in place? One line per check, `ok`, `warn` or `FIX` with
+what to do: the configuration, the hook where this host's libvirt looks
+for it (and pointing at this program), the running libvirt daemon (a hook
+installed after it started is used only after a reload), the store's
+ownership and mode, syslog, and the owners restored files will get from
+qemu.conf. Exits 1 if any line says FIX.
+";
+
+const HOOK_HELP: &str = "\
+swtpm-keeper hook <domain> <op> <sub-op> <extra>
+
+Run as libvirt runs a QEMU hook, with the domain XML on stdin. The same
+happens when the program is run as .../hooks/qemu or from .../hooks/qemu.d/.
+stopped/end, release/end: capture; prepare/begin: restore a lost state;
+migrate/begin, restore/begin: note an incoming state; others: nothing.
 ";
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    Help,
+    Help(&'static str),
     Version,
     Hook(HookArgs),
+    List {
+        json: bool,
+    },
+    Show {
+        vm: String,
+        json: bool,
+        xml: Option<Option<String>>,
+    },
+    Verify {
+        vms: Vec<String>,
+    },
+    Restore {
+        vm: String,
+        generation: Option<String>,
+        force: bool,
+    },
+    Prune {
+        keep: Option<usize>,
+        older_than_days: Option<u64>,
+        vms: Vec<String>,
+        dry_run: bool,
+    },
+    Check,
+}
+
+fn usage(cmd: &str, msg: impl std::fmt::Display) -> Error {
+    Error::usage(format!("{msg} (see `swtpm-keeper {cmd} --help`)"))
+}
+
+/// `--name value` or `--name=value`.
+fn value(
+    cmd: &str,
+    name: &str,
+    inline: Option<String>,
+    rest: &mut std::slice::Iter<String>,
+) -> Result<String> {
+    match inline {
+        Some(v) => Ok(v),
+        None => rest
+            .next()
+            .cloned()
+            .ok_or_else(|| usage(cmd, format!("{name} needs a value"))),
+    }
+}
+
+fn number<T: std::str::FromStr>(cmd: &str, name: &str, v: &str) -> Result<T> {
+    v.parse()
+        .map_err(|_| usage(cmd, format!("{name} takes a whole number, not {v:?}")))
 }
 
 pub fn parse(args: &[String]) -> Result<Command> {
     let Some(first) = args.first() else {
         return Err(Error::usage("no command given (try --help)"));
     };
-    match first.as_str() {
-        "-h" | "--help" | "help" => Ok(Command::Help),
-        "-V" | "--version" | "version" => Ok(Command::Version),
-        "hook" => {
-            let rest = &args[1..];
-            if rest.len() < 2 || rest.len() > 4 {
-                return Err(Error::usage(
-                    "usage: swtpm-keeper hook <domain> <op> <sub-op> <extra>",
+    let cmd = first.as_str();
+    let help = match cmd {
+        "-h" | "--help" => return Ok(Command::Help(USAGE)),
+        "help" => {
+            return Ok(Command::Help(match args.get(1).map(String::as_str) {
+                None => USAGE,
+                Some(c) => help_of(c)
+                    .ok_or_else(|| Error::usage(format!("no command {c:?} (try --help)")))?,
+            }))
+        }
+        "-V" | "--version" | "version" => return Ok(Command::Version),
+        c => {
+            help_of(c).ok_or_else(|| Error::usage(format!("unknown command {c:?} (try --help)")))?
+        }
+    };
+    let rest = &args[1..];
+    if rest.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(Command::Help(help));
+    }
+    if cmd == "hook" {
+        if rest.len() < 2 || rest.len() > 4 {
+            return Err(usage(cmd, "hook takes <domain> <op> <sub-op> <extra>"));
+        }
+        return Ok(Command::Hook(HookArgs::from_args(rest)));
+    }
+
+    let (mut json, mut force, mut dry_run) = (false, false, false);
+    let mut xml: Option<Option<String>> = None;
+    let (mut generation, mut keep, mut older) = (None, None, None);
+    let (mut vms, mut positional) = (Vec::new(), Vec::new());
+    let mut it = rest.iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        match (cmd, name) {
+            ("list" | "show", "--json") => json = true,
+            ("show", "--xml") => {
+                // The generation is optional: `--xml=GEN`, or a generation name next.
+                let next = it
+                    .as_slice()
+                    .first()
+                    .filter(|n| crate::store::is_generation_name(n))
+                    .cloned();
+                if next.is_some() {
+                    it.next();
+                }
+                xml = Some(inline.or(next));
+            }
+            ("restore", "--generation" | "-g") => {
+                generation = Some(value(cmd, name, inline, &mut it)?)
+            }
+            ("restore", "--force" | "-f") => force = true,
+            ("prune", "--keep") => {
+                keep = Some(number(cmd, name, &value(cmd, name, inline, &mut it)?)?)
+            }
+            ("prune", "--older-than") => {
+                older = Some(number(cmd, name, &value(cmd, name, inline, &mut it)?)?)
+            }
+            ("prune", "--vm") => vms.push(value(cmd, name, inline, &mut it)?),
+            ("prune", "--dry-run" | "-n") => dry_run = true,
+            (_, n) if n.starts_with('-') && n.len() > 1 => {
+                return Err(usage(cmd, format!("unknown option {n}")))
+            }
+            _ => positional.push(arg.clone()),
+        }
+    }
+    let one_vm = |positional: Vec<String>| -> Result<String> {
+        match <[String; 1]>::try_from(positional) {
+            Ok([vm]) => Ok(vm),
+            Err(v) if v.is_empty() => Err(usage(cmd, "name the VM (its name or UUID)")),
+            Err(_) => Err(usage(cmd, "name exactly one VM")),
+        }
+    };
+    let none = |positional: &[String]| -> Result<()> {
+        match positional.first() {
+            Some(p) => Err(usage(cmd, format!("unexpected argument {p:?}"))),
+            None => Ok(()),
+        }
+    };
+    Ok(match cmd {
+        "list" => {
+            none(&positional)?;
+            Command::List { json }
+        }
+        "show" => {
+            if json && xml.is_some() {
+                return Err(usage(cmd, "--json and --xml do not go together"));
+            }
+            Command::Show {
+                vm: one_vm(positional)?,
+                json,
+                xml,
+            }
+        }
+        "verify" => Command::Verify { vms: positional },
+        "restore" => Command::Restore {
+            vm: one_vm(positional)?,
+            generation,
+            force,
+        },
+        "prune" => {
+            none(&positional)?;
+            if keep.is_none() && older.is_none() {
+                return Err(usage(
+                    cmd,
+                    "say what to remove: --keep N and/or --older-than DAYS",
                 ));
             }
-            Ok(Command::Hook(HookArgs::from_args(rest)))
+            Command::Prune {
+                keep,
+                older_than_days: older,
+                vms,
+                dry_run,
+            }
         }
-        other => Err(Error::usage(format!(
-            "unknown command {other:?} (try --help)"
-        ))),
-    }
+        "check" => {
+            none(&positional)?;
+            Command::Check
+        }
+        _ => unreachable!("help_of knows only these"),
+    })
+}
+
+fn help_of(cmd: &str) -> Option<&'static str> {
+    Some(match cmd {
+        "list" => LIST_HELP,
+        "show" => SHOW_HELP,
+        "verify" => VERIFY_HELP,
+        "restore" => RESTORE_HELP,
+        "prune" => PRUNE_HELP,
+        "check" => CHECK_HELP,
+        "hook" => HOOK_HELP,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
+    fn p(v: &[&str]) -> Result<Command> {
+        parse(&v.iter().map(|x| x.to_string()).collect::<Vec<_>>())
     }
 
     #[test]
-    fn parses_commands() {
-        assert_eq!(parse(&s(&["--help"])).unwrap(), Command::Help);
-        assert_eq!(parse(&s(&["--version"])).unwrap(), Command::Version);
-        match parse(&s(&["hook", "vm", "stopped", "end", "-"])).unwrap() {
+    fn parses_every_command() {
+        assert_eq!(p(&["--help"]).unwrap(), Command::Help(USAGE));
+        assert_eq!(p(&["--version"]).unwrap(), Command::Version);
+        assert_eq!(
+            p(&["list", "--json"]).unwrap(),
+            Command::List { json: true }
+        );
+        assert_eq!(
+            p(&["show", "vm1"]).unwrap(),
+            Command::Show {
+                vm: "vm1".into(),
+                json: false,
+                xml: None
+            }
+        );
+        assert_eq!(
+            p(&["show", "vm1", "--xml", "00000002-20261121T215608Z"]).unwrap(),
+            Command::Show {
+                vm: "vm1".into(),
+                json: false,
+                xml: Some(Some("00000002-20261121T215608Z".into()))
+            }
+        );
+        assert_eq!(
+            p(&["show", "--xml", "vm1"]).unwrap(),
+            Command::Show {
+                vm: "vm1".into(),
+                json: false,
+                xml: Some(None)
+            }
+        );
+        assert_eq!(p(&["verify"]).unwrap(), Command::Verify { vms: vec![] });
+        assert_eq!(
+            p(&[
+                "restore",
+                "vm1",
+                "--generation=00000001-20261121T215608Z",
+                "--force"
+            ])
+            .unwrap(),
+            Command::Restore {
+                vm: "vm1".into(),
+                generation: Some("00000001-20261121T215608Z".into()),
+                force: true
+            }
+        );
+        assert_eq!(
+            p(&[
+                "prune",
+                "--keep",
+                "3",
+                "--vm",
+                "a",
+                "--vm=b",
+                "--older-than",
+                "30",
+                "--dry-run"
+            ])
+            .unwrap(),
+            Command::Prune {
+                keep: Some(3),
+                older_than_days: Some(30),
+                vms: vec!["a".into(), "b".into()],
+                dry_run: true
+            }
+        );
+        assert_eq!(p(&["check"]).unwrap(), Command::Check);
+        match p(&["hook", "vm", "stopped", "end", "-"]).unwrap() {
             Command::Hook(h) => assert_eq!((h.name.as_str(), h.op.as_str()), ("vm", "stopped")),
             c => panic!("{c:?}"),
+        }
+    }
+
+    #[test]
+    fn every_command_has_help() {
+        for c in [
+            "list", "show", "verify", "restore", "prune", "check", "hook",
+        ] {
+            match p(&[c, "--help"]).unwrap() {
+                Command::Help(h) => assert!(h.starts_with(&format!("swtpm-keeper {c}")), "{c}"),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(p(&["help", c]).unwrap(), p(&[c, "-h"]).unwrap());
         }
     }
 
@@ -75,11 +419,21 @@ mod tests {
     fn bad_usage_is_a_usage_error() {
         for a in [
             vec![],
-            s(&["frobnicate"]),
-            s(&["hook"]),
-            s(&["hook", "a", "b", "c", "d", "e"]),
+            vec!["frobnicate"],
+            vec!["hook"],
+            vec!["hook", "a", "b", "c", "d", "e"],
+            vec!["show"],
+            vec!["show", "a", "b"],
+            vec!["restore"],
+            vec!["restore", "a", "--bogus"],
+            vec!["restore", "a", "--generation"],
+            vec!["prune"],
+            vec!["prune", "--keep", "many"],
+            vec!["list", "extra"],
+            vec!["show", "a", "--json", "--xml"],
         ] {
-            assert_eq!(parse(&a).unwrap_err().kind, crate::error::Kind::Usage);
+            let e = p(&a).unwrap_err();
+            assert_eq!(e.kind, Kind::Usage, "{a:?}");
         }
     }
 }

@@ -71,6 +71,10 @@ pub struct Config {
     pub log_level: LogLevel,
     /// libvirt's qemu.conf: the owners of restored files.
     pub qemu_conf: PathBuf,
+    /// libvirt's runtime dir: `<name>.pid` exists while a VM runs.
+    pub libvirt_run_dir: PathBuf,
+    /// Where libvirt looks for hooks (`qemu`, `qemu.d/`), for `check`.
+    pub libvirt_hooks_dir: PathBuf,
     pub restore: Restore,
     pub on_refusal: OnRefusal,
 }
@@ -87,6 +91,8 @@ impl Default for Config {
             syslog_socket: "/dev/log".into(),
             log_level: LogLevel::Info,
             qemu_conf: "/etc/libvirt/qemu.conf".into(),
+            libvirt_run_dir: "/run/libvirt/qemu".into(),
+            libvirt_hooks_dir: "/etc/libvirt/hooks".into(),
             restore: Restore::Auto,
             on_refusal: OnRefusal::Abort,
         }
@@ -126,6 +132,8 @@ impl Config {
             ("libvirt_config_dir", &self.libvirt_config_dir),
             ("syslog_socket", &self.syslog_socket),
             ("qemu_conf", &self.qemu_conf),
+            ("libvirt_run_dir", &self.libvirt_run_dir),
+            ("libvirt_hooks_dir", &self.libvirt_hooks_dir),
         ] {
             if !p.is_absolute() {
                 return bad(key, "must be an absolute path");

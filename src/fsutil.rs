@@ -324,6 +324,8 @@ pub struct Dir {
 }
 
 pub enum Rename {
+    /// Replace the destination if it exists (a plain rename).
+    Replace,
     /// Fail if the destination exists.
     NoReplace,
     /// Atomically swap source and destination (both must exist).
@@ -457,6 +459,7 @@ impl Dir {
             cstr(OsStr::new(to)).ctx("rename", &dest)?,
         );
         let flags = match how {
+            Rename::Replace => return self.plain_rename(&cf, &ct, &dest),
             Rename::NoReplace => libc::RENAME_NOREPLACE,
             Rename::Exchange => libc::RENAME_EXCHANGE,
         };
@@ -472,6 +475,7 @@ impl Dir {
         // The filesystem lacks renameat2 flags (older NFS): emulate. The
         // caller holds the VM's lock and libvirt holds the domain's.
         match how {
+            Rename::Replace => unreachable!("handled above"),
             Rename::NoReplace => {
                 if self.entry_stat(to)?.is_some() {
                     return Err(Error::io(

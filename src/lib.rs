@@ -3,12 +3,14 @@
 
 pub mod capture; // what a stop captures, and how
 pub mod cli; // the command line
+pub mod commands; // the operator's commands, one module each
 pub mod config; // the configuration file
 pub mod domain; // the domain XML libvirt passes on stdin
 pub mod error; // errors that name the action and the path
 pub mod failpoint; // crash injection for tests (feature `failpoints`)
 pub mod fsutil; // symlink-safe opens, bounded reads, durable writes
 pub mod hook; // the libvirt hook protocol
+pub mod inventory; // the store as the commands see it
 pub mod lock; // the per-VM lock
 pub mod logging; // syslog through the `log` facade
 pub mod manifest; // manifest.json and SHA256SUMS

@@ -25,8 +25,17 @@ impl VmLock {
     }
 }
 
-/// Take the exclusive lock on `path`, waiting at most `timeout`.
+/// Take the exclusive lock on `path` (writers), waiting at most `timeout`.
 pub fn lock_exclusive(path: &Path, timeout: Duration) -> Result<VmLock> {
+    lock(path, timeout, true)
+}
+
+/// Take a shared lock on `path` (readers: they only wait for writers).
+pub fn lock_shared(path: &Path, timeout: Duration) -> Result<VmLock> {
+    lock(path, timeout, false)
+}
+
+fn lock(path: &Path, timeout: Duration, exclusive: bool) -> Result<VmLock> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -39,7 +48,12 @@ pub fn lock_exclusive(path: &Path, timeout: Duration) -> Result<VmLock> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
     loop {
-        match file.try_lock() {
+        let attempt = if exclusive {
+            file.try_lock()
+        } else {
+            file.try_lock_shared()
+        };
+        match attempt {
             Ok(()) => {
                 return Ok(VmLock {
                     _file: file,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use swtpm_keeper::cli::{self, Command};
 use swtpm_keeper::error::{Kind, Result};
-use swtpm_keeper::{hook, logging};
+use swtpm_keeper::{commands, hook, logging};
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os();
@@ -37,8 +37,8 @@ fn main() -> ExitCode {
 /// Run one command; Ok carries the exit code.
 fn dispatch(cmd: Command) -> Result<i32> {
     match cmd {
-        Command::Help => {
-            print!("{}", cli::USAGE);
+        Command::Help(text) => {
+            print!("{text}");
             Ok(0)
         }
         Command::Version => {
@@ -46,5 +46,29 @@ fn dispatch(cmd: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Hook(h) => Ok(hook::run(&h, &mut std::io::stdin().lock())),
+        Command::Check => commands::check::run(&mut std::io::stdout().lock()),
+        cmd => {
+            let cfg = commands::load_config()?;
+            let out = &mut std::io::stdout().lock();
+            match cmd {
+                Command::List { json } => commands::list::run(&cfg, json, out),
+                Command::Show { vm, json, xml } => commands::show::run(&cfg, &vm, json, xml, out),
+                Command::Verify { vms } => commands::verify::run(&cfg, &vms, out),
+                Command::Restore {
+                    vm,
+                    generation,
+                    force,
+                } => commands::restore::run(&cfg, &vm, generation.as_deref(), force, out),
+                Command::Prune {
+                    keep,
+                    older_than_days,
+                    vms,
+                    dry_run,
+                } => commands::prune::run(&cfg, keep, older_than_days, &vms, dry_run, out),
+                Command::Help(_) | Command::Version | Command::Hook(_) | Command::Check => {
+                    unreachable!()
+                }
+            }
+        }
     }
 }

@@ -173,8 +173,15 @@ pub fn at_prepare(
     let (gen, skipped) = newest_good(&vm, &gens, cfg.max_file_size)?;
     check_rules(&vm, &gen, domain, tpm, &loc)?;
     let qc = QemuConf::load(&cfg.qemu_conf);
-    let nvram =
-        put_back(&gen, domain, &loc, &qc.swtpm_owner(), &qc.qemu_owner()).map_err(io_refusal)?;
+    let nvram = put_back(
+        &gen,
+        domain,
+        &loc,
+        &qc.swtpm_owner(),
+        &qc.qemu_owner(),
+        false,
+    )
+    .map_err(io_refusal)?;
     Ok(Outcome::Restored {
         generation: gen.name.clone(),
         path: loc.path().to_owned(),
@@ -275,18 +282,21 @@ pub fn check_rules(
 }
 
 /// Write the generation into libvirt's paths: NVRAM first (so that a TPM
-/// never comes back without its NVRAM), then the TPM state.
+/// never comes back without its NVRAM), then the TPM state. `replace`
+/// (the CLI's --force, after capturing what is there) swaps out an
+/// existing state and NVRAM; the hook never does.
 pub fn put_back(
     gen: &Loaded,
     domain: &Domain,
     loc: &StateLocation,
     swtpm_owner: &Owner,
     qemu_owner: &Owner,
+    replace: bool,
 ) -> Result<NvramOutcome> {
     let mut nvram = NvramOutcome::None;
     let path = nvram_path(domain, &gen.manifest);
     if let (Some(path), Some(bytes)) = (&path, gen.file(manifest::NVRAM)) {
-        nvram = if put_file(path, bytes, qemu_owner, true)? {
+        nvram = if put_file(path, bytes, qemu_owner, true, replace)? {
             NvramOutcome::Restored(path.clone())
         } else {
             NvramOutcome::KeptExisting(path.clone())
@@ -306,13 +316,14 @@ pub fn put_back(
             &tpm_files,
             swtpm_owner,
             &swtpm::permall_name(version_of(gen)),
+            replace,
         )?,
         StateLocation::File(path) => {
             let bytes = tpm_files
                 .first()
                 .map(|(_, b)| *b)
                 .ok_or_else(|| Error::failed("the generation has no state file"))?;
-            if !put_file(path, bytes, swtpm_owner, false)? {
+            if !put_file(path, bytes, swtpm_owner, false, replace)? {
                 return Err(Error::failed(format!(
                     "{} appeared while restoring; left as it is",
                     path.display()
@@ -378,20 +389,31 @@ fn open_or_create_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Resu
 /// Create `path` with `bytes` unless something exists there. Written to a
 /// temporary name in the same directory, fsynced, then renamed without
 /// replacing. Returns false if something was already there.
-fn put_file(path: &Path, bytes: &[u8], owner: &Owner, create_parent: bool) -> Result<bool> {
+fn put_file(
+    path: &Path,
+    bytes: &[u8],
+    owner: &Owner,
+    create_parent: bool,
+    replace: bool,
+) -> Result<bool> {
     let (parent, name) = split(path)?;
     let dir = if create_parent {
         open_or_create_dir(parent, 0o755, Some((owner.uid, owner.gid)))?
     } else {
         Dir::open(parent)?
     };
-    if dir.entry_stat(name)?.is_some() {
+    if !replace && dir.entry_stat(name)?.is_some() {
         return Ok(false);
     }
     let tmp = format!(".{name}{TMP_PREFIX}{}", std::process::id());
     dir.remove_entry(&tmp)?;
     dir.write_new(&tmp, bytes, 0o600, Some((owner.uid, owner.gid)))?;
-    match dir.rename(&tmp, name, Rename::NoReplace) {
+    let how = if replace {
+        Rename::Replace
+    } else {
+        Rename::NoReplace
+    };
+    match dir.rename(&tmp, name, how) {
         Ok(()) => {}
         Err(e) if e.io_kind() == Some(std::io::ErrorKind::AlreadyExists) => {
             dir.remove_entry(&tmp)?;
@@ -409,7 +431,13 @@ fn put_file(path: &Path, bytes: &[u8], owner: &Owner, create_parent: bool) -> Re
 /// Build the state directory beside `dir` and rename it into place. The
 /// parent must be root's alone (libvirt makes `<uuid>/` root 0711), so
 /// nothing in it can be a planted link.
-fn put_dir(dir: &Path, files: &[(&str, &[u8])], owner: &Owner, permall: &str) -> Result<()> {
+fn put_dir(
+    dir: &Path,
+    files: &[(&str, &[u8])],
+    owner: &Owner,
+    permall: &str,
+    replace: bool,
+) -> Result<()> {
     let (parent, leaf) = split(dir)?;
     let (grand, _) = split(parent)?;
     // libvirt's layout: <swtpm_dir> and <swtpm_dir>/<uuid> are root 0711.
@@ -448,7 +476,7 @@ fn put_dir(dir: &Path, files: &[(&str, &[u8])], owner: &Owner, permall: &str) ->
         Some(st) if Dir::entry_is_dir(&st) => {
             // A directory without state (swtpm_setup never ran, or only
             // .lock is left): swap ours in, then drop the old one.
-            if pdir.open_subdir(leaf)?.entry_stat(permall)?.is_some() {
+            if !replace && pdir.open_subdir(leaf)?.entry_stat(permall)?.is_some() {
                 pdir.remove_entry(&tmp)?;
                 return Err(Error::failed(format!(
                     "{} gained a TPM state while restoring; left as it is",

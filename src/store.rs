@@ -22,10 +22,12 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// One VM's part of the store, locked for as long as this value lives.
+/// One VM's part of the store, locked for as long as this value lives:
+/// exclusively by writers, shared by readers.
 pub struct VmStore {
     dir: PathBuf,
     _lock: VmLock,
+    exclusive: bool,
 }
 
 /// `00000042-20261121T215608Z`: a sequence number (capture order, also
@@ -65,15 +67,58 @@ impl Store {
         let dir = self.vm_dir(uuid);
         fsutil::ensure_dir(&dir, 0o700)?;
         let lock = lock::lock_exclusive(&dir.join(LOCK_NAME), timeout)?;
-        let vm = VmStore { dir, _lock: lock };
+        let vm = VmStore {
+            dir,
+            _lock: lock,
+            exclusive: true,
+        };
         vm.remove_leftovers()?;
         Ok(vm)
+    }
+
+    /// Lock a VM's part of the store for reading; it must exist.
+    pub fn read_vm(&self, uuid: &str, timeout: Duration) -> Result<VmStore> {
+        let dir = self.vm_dir(uuid);
+        let lock = lock::lock_shared(&dir.join(LOCK_NAME), timeout)?;
+        Ok(VmStore {
+            dir,
+            _lock: lock,
+            exclusive: false,
+        })
+    }
+
+    /// The UUIDs the store holds something for, sorted.
+    pub fn vm_uuids(&self) -> Result<Vec<String>> {
+        let rd = match std::fs::read_dir(&self.root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("read directory", &self.root, e)),
+        };
+        let mut v: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| crate::domain::valid_uuid(n))
+            .collect();
+        v.sort();
+        Ok(v)
     }
 }
 
 impl VmStore {
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    fn require_exclusive(&self) -> Result<()> {
+        if self.exclusive {
+            Ok(())
+        } else {
+            Err(Error::failed(format!(
+                "{}: writing needs the exclusive lock",
+                self.dir.display()
+            )))
+        }
     }
 
     /// Complete generations, oldest first.
@@ -128,6 +173,7 @@ impl VmStore {
         manifest: &Manifest,
         keep: usize,
     ) -> Result<(String, Vec<String>)> {
+        self.require_exclusive()?;
         let gens = self.generations()?;
         let seq = gens.last().map(|g| sequence(g)).unwrap_or(0) + 1;
         if seq > 99_999_999 {
@@ -182,17 +228,28 @@ impl VmStore {
             return Ok(Vec::new());
         }
         let doomed = gens[..gens.len() - keep].to_vec();
-        for g in &doomed {
+        self.remove_generations(&doomed)?;
+        Ok(doomed)
+    }
+
+    /// Remove the named generations. Each is first renamed to a trash
+    /// name, so a crash mid-removal never leaves a half-deleted directory
+    /// under a generation name.
+    pub fn remove_generations(&self, doomed: &[String]) -> Result<()> {
+        self.require_exclusive()?;
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        for g in doomed {
             let trash = self.dir.join(format!("{TRASH_PREFIX}{g}"));
             std::fs::rename(self.dir.join(g), &trash).ctx("rename for removal", &trash)?;
         }
         fsutil::fsync_dir(&self.dir)?;
         failpoint::hit("prune-after-rename");
-        for g in &doomed {
+        for g in doomed {
             fsutil::remove_tree(&self.dir.join(format!("{TRASH_PREFIX}{g}")))?;
         }
-        fsutil::fsync_dir(&self.dir)?;
-        Ok(doomed)
+        fsutil::fsync_dir(&self.dir)
     }
 }
 
@@ -298,6 +355,7 @@ impl VmStore {
     /// Small per-VM records (`migrated-away.json`, `incoming-<host>.json`),
     /// replaced atomically.
     pub fn write_marker(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.require_exclusive()?;
         let tmp = self.dir.join(format!("{TMP_PREFIX}{name}"));
         let _ = std::fs::remove_file(&tmp);
         fsutil::write_new_synced(&tmp, bytes, 0o600)?;
@@ -311,6 +369,7 @@ impl VmStore {
     }
 
     pub fn remove_marker(&self, name: &str) -> Result<()> {
+        self.require_exclusive()?;
         let p = self.dir.join(name);
         match std::fs::remove_file(&p) {
             Ok(()) => fsutil::fsync_dir(&self.dir),

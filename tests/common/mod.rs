@@ -124,7 +124,7 @@ impl Host {
             Ok(rd) => rd
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().into_string().unwrap())
-                .filter(|n| !n.starts_with('.'))
+                .filter(|n| n.len() == 25 && n.as_bytes()[8] == b'-')
                 .collect(),
             Err(_) => Vec::new(),
         };
@@ -187,4 +187,79 @@ pub fn sha256sum_check(dir: &Path) -> bool {
         .status()
         .unwrap()
         .success()
+}
+
+/// A generation written by hand (fixed times and hosts, for golden output).
+pub struct FixtureGen<'a> {
+    pub uuid: &'a str,
+    pub vm: &'a str,
+    pub generation: &'a str,
+    pub time_unix: i64,
+    pub event: &'a str,
+    pub reason: &'a str,
+    pub secret: Option<&'a str>,
+    /// (name, role, bytes)
+    pub files: &'a [(&'a str, &'a str, &'a [u8])],
+}
+
+/// Write `g` into the store as the hook would: files, manifest.json in the
+/// real format, SHA256SUMS.
+pub fn write_generation(h: &Host, g: &FixtureGen) {
+    let FixtureGen {
+        uuid,
+        vm,
+        generation,
+        time_unix,
+        event,
+        reason,
+        secret,
+        files,
+    } = *g;
+    use sha2::{Digest, Sha256};
+    let hex = |b: &[u8]| {
+        Sha256::digest(b)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+    };
+    let dir = h.vm_store(uuid).join(generation);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut entries = Vec::new();
+    let mut sums = Vec::new();
+    for (n, role, b) in files {
+        std::fs::write(dir.join(n), b).unwrap();
+        sums.push((n.to_string(), hex(b)));
+        entries.push(serde_json::json!({
+            "name": n, "role": role, "source": null, "size": b.len(), "mode": "0600",
+            "uid": 0, "gid": 0, "owner": "root", "group": "root", "sha256": hex(b)
+        }));
+    }
+    let has_nvram = files.iter().any(|f| f.1 == "nvram");
+    let m = serde_json::json!({
+        "format": 1, "uuid": uuid, "name": vm, "event": event, "sub_event": "end", "reason": reason,
+        "time": swtpm_keeper::manifest::rfc3339(time_unix), "time_unix": time_unix, "host": "host-a", "swtpm_keeper_version": "0.1.0",
+        "persistent": false, "domain_xml_from": "hook-stdin",
+        "tpm": {"version": "2.0", "model": "tpm-crb", "state_type": "dir",
+                "state_path": format!("/var/lib/libvirt/swtpm/{uuid}/tpm2"), "encryption_secret": secret,
+                "header_flags": if secret.is_some() { 9 } else { 0 }},
+        "nvram": if has_nvram { serde_json::json!({"path": format!("/var/lib/libvirt/qemu/nvram/{vm}_VARS.fd"), "template": null, "file": "nvram.fd"}) } else { serde_json::Value::Null },
+        "files": entries,
+    });
+    let mb = serde_json::to_vec_pretty(&m).unwrap();
+    std::fs::write(dir.join("manifest.json"), &mb).unwrap();
+    sums.push(("manifest.json".into(), hex(&mb)));
+    sums.sort();
+    let text: String = sums.iter().map(|(n, x)| format!("{x}  {n}\n")).collect();
+    std::fs::write(dir.join("SHA256SUMS"), text).unwrap();
+    std::fs::write(h.vm_store(uuid).join(".lock"), b"").unwrap();
+}
+
+pub fn domain_xml(name: &str, uuid: &str, secret: Option<&str>, nvram: Option<&Path>) -> String {
+    let enc = secret
+        .map(|s| format!("<encryption secret='{s}'/>"))
+        .unwrap_or_default();
+    let os = nvram
+        .map(|p| format!("<os><nvram>{}</nvram></os>", p.display()))
+        .unwrap_or_default();
+    format!("<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid>{os}<devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'>{enc}</backend></tpm></devices></domain>\n")
 }

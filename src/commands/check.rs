@@ -1,0 +1,265 @@
+//! `swtpm-keeper check`: is everything in place on this host?
+
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::config::{self, Config};
+use crate::error::{Error, Result};
+use crate::qemuconf::{self, QemuConf};
+
+#[derive(PartialEq)]
+enum Level {
+    Ok,
+    Warn,
+    Fix,
+}
+
+struct Report<'a> {
+    out: &'a mut dyn Write,
+    fixes: usize,
+}
+
+impl Report<'_> {
+    fn line(&mut self, level: Level, msg: String) {
+        let tag = match level {
+            Level::Ok => "ok  ",
+            Level::Warn => "warn",
+            Level::Fix => {
+                self.fixes += 1;
+                "FIX "
+            }
+        };
+        let _ = writeln!(self.out, "{tag} {msg}");
+    }
+}
+
+/// Seconds since the epoch at which a process started.
+fn process_start(pid: u32) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime, in clock ticks since boot) counts from after ") ".
+    let after = &stat[stat.rfind(')')? + 2..];
+    let ticks: i64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    let btime: i64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse().ok()))?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as i64;
+    Some(btime + ticks / hz)
+}
+
+fn daemons() -> Vec<(String, u32)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            let comm = comm.trim();
+            if comm == "libvirtd" || comm == "virtqemud" {
+                v.push((comm.to_owned(), pid));
+            }
+        }
+    }
+    v
+}
+
+/// Hook files libvirt would run that lead to `exe`.
+fn installed_hooks(hooks_dir: &Path, exe: &Path) -> Vec<PathBuf> {
+    let mut candidates = vec![hooks_dir.join("qemu")];
+    if let Ok(rd) = std::fs::read_dir(hooks_dir.join("qemu.d")) {
+        let mut v: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        v.sort();
+        candidates.extend(v);
+    }
+    candidates
+        .into_iter()
+        .filter(|p| std::fs::canonicalize(p).map(|c| c == exe).unwrap_or(false))
+        .collect()
+}
+
+pub fn run(out: &mut dyn Write) -> Result<i32> {
+    let mut r = Report { out, fixes: 0 };
+    let path = config::path_from_env();
+    let cfg = match Config::load(&path) {
+        Ok(c) => {
+            let state = if path.exists() {
+                "is valid"
+            } else {
+                "does not exist: the defaults apply"
+            };
+            r.line(
+                Level::Ok,
+                format!("configuration {} {state}", path.display()),
+            );
+            c
+        }
+        Err(e) => {
+            r.line(
+                Level::Fix,
+                format!("{e}; the checks below use the defaults"),
+            );
+            Config::default()
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        r.line(
+            Level::Warn,
+            "not run as root: some checks may be incomplete".into(),
+        );
+    }
+
+    // The hook, where libvirt looks for it.
+    let exe = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .unwrap_or_default();
+    let hooks = installed_hooks(&cfg.libvirt_hooks_dir, &exe);
+    let mut hook_time = None;
+    if hooks.is_empty() {
+        r.line(
+            Level::Fix,
+            format!(
+                "no hook in {} leads to {}: run `make install`, or `ln -s {} {}/qemu.d/swtpm-keeper`",
+                cfg.libvirt_hooks_dir.display(),
+                exe.display(),
+                exe.display(),
+                cfg.libvirt_hooks_dir.display()
+            ),
+        );
+    }
+    for h in &hooks {
+        let md = std::fs::metadata(h);
+        let exec = md
+            .as_ref()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false);
+        if exec {
+            r.line(
+                Level::Ok,
+                format!("hook {} runs {}", h.display(), exe.display()),
+            );
+        } else {
+            r.line(
+                Level::Fix,
+                format!(
+                    "hook {} is not an executable file: chmod 0755 {}",
+                    h.display(),
+                    exe.display()
+                ),
+            );
+        }
+        let installed = std::fs::symlink_metadata(h).map(|m| m.ctime()).unwrap_or(0);
+        hook_time = Some(hook_time.unwrap_or(0).max(installed));
+    }
+
+    // The daemon: libvirt reads its hook list at start and on reload.
+    let ds = daemons();
+    if ds.is_empty() {
+        r.line(
+            Level::Warn,
+            "no libvirtd or virtqemud runs: the hook is used from the daemon's next start".into(),
+        );
+    }
+    for (name, pid) in &ds {
+        match (process_start(*pid), hook_time) {
+            (Some(start), Some(installed)) if installed > start => r.line(
+                Level::Warn,
+                format!(
+                    "the hook was installed after {name} (pid {pid}) started; unless the daemon was reloaded since, \
+                     it does not run it yet: `systemctl reload {name}` or `kill -HUP {pid}`"
+                ),
+            ),
+            _ => r.line(Level::Ok, format!("{name} (pid {pid}) runs")),
+        }
+    }
+
+    // The store.
+    match std::fs::symlink_metadata(&cfg.store_dir) {
+        Err(_) => r.line(
+            Level::Warn,
+            format!(
+                "store {} does not exist yet: the first capture creates it",
+                cfg.store_dir.display()
+            ),
+        ),
+        Ok(md) if md.file_type().is_symlink() || !md.is_dir() => r.line(
+            Level::Fix,
+            format!(
+                "store {} is not a directory (a symlink?): make it a directory",
+                cfg.store_dir.display()
+            ),
+        ),
+        Ok(md) => {
+            let mode = md.mode() & 0o7777;
+            if md.uid() != 0 || mode & 0o077 != 0 {
+                r.line(
+                    Level::Fix,
+                    format!(
+                        "store {} is owned by uid {} with mode {mode:04o}: it holds every VM's TPM; \
+                         chown root:root {} && chmod 0700 {}",
+                        cfg.store_dir.display(),
+                        md.uid(),
+                        cfg.store_dir.display(),
+                        cfg.store_dir.display()
+                    ),
+                );
+            } else {
+                r.line(
+                    Level::Ok,
+                    format!(
+                        "store {} is root's, mode {mode:04o}",
+                        cfg.store_dir.display()
+                    ),
+                );
+            }
+        }
+    }
+
+    // syslog.
+    let reachable = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| s.connect(&cfg.syslog_socket))
+        .is_ok();
+    if reachable {
+        r.line(
+            Level::Ok,
+            format!("syslog listens at {}", cfg.syslog_socket.display()),
+        );
+    } else {
+        r.line(
+            Level::Fix,
+            format!(
+                "nothing listens at {}: the hook's log lines go to stderr, which libvirt discards; start rsyslog or journald",
+                cfg.syslog_socket.display()
+            ),
+        );
+    }
+
+    // Owners of restored files.
+    let qc = QemuConf::load(&cfg.qemu_conf);
+    for (what, key, value, owner) in [
+        ("TPM state", "swtpm_user", &qc.swtpm_user, qc.swtpm_owner()),
+        ("NVRAM", "user", &qc.user, qc.qemu_owner()),
+    ] {
+        match value {
+            Some(u) if qemuconf::lookup_user(u).is_none() => r.line(
+                Level::Fix,
+                format!(
+                    "{key} = {u:?} in {} is no user on this host",
+                    cfg.qemu_conf.display()
+                ),
+            ),
+            _ => r.line(
+                Level::Ok,
+                format!(
+                    "restored {what} will be owned by {} ({}:{})",
+                    owner.desc, owner.uid, owner.gid
+                ),
+            ),
+        }
+    }
+    let _ = writeln!(r.out, "{} to fix", r.fixes);
+    let _ = r.out.flush().map_err(|e| Error::failed(e.to_string()));
+    Ok(if r.fixes > 0 { 1 } else { 0 })
+}

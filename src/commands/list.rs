@@ -1,0 +1,109 @@
+//! `swtpm-keeper list`
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::inventory::{self, human_bytes, VmSummary, JSON_VERSION};
+use crate::logging::sanitize;
+use crate::store::Store;
+
+#[derive(Serialize)]
+struct ListJson {
+    version: u32,
+    vms: Vec<VmSummary>,
+}
+
+pub fn run(cfg: &Config, json: bool, out: &mut dyn Write) -> Result<i32> {
+    let store = Store::new(&cfg.store_dir);
+    let mut vms = Vec::new();
+    let mut problems = 0;
+    for uuid in store.vm_uuids()? {
+        let res = store
+            .read_vm(&uuid, cfg.lock_timeout())
+            .and_then(|vm| inventory::summary(cfg, &vm, &uuid));
+        match res {
+            Ok(s) => vms.push(s),
+            Err(e) => {
+                log::warn!("{uuid}: {e}");
+                problems += 1;
+            }
+        }
+    }
+    let w = |e: std::io::Error| Error::failed(format!("cannot write the output: {e}"));
+    if json {
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &ListJson {
+                version: JSON_VERSION,
+                vms,
+            },
+        )
+        .map_err(|e| Error::failed(e.to_string()))?;
+        writeln!(out).map_err(w)?;
+    } else if vms.is_empty() {
+        writeln!(out, "The store {} holds no VM.", store.root().display()).map_err(w)?;
+    } else {
+        let rows: Vec<[String; 7]> = vms
+            .iter()
+            .map(|v| {
+                let mut flags = Vec::new();
+                for (on, f) in [
+                    (v.encrypted, "encrypted"),
+                    (v.nvram, "nvram"),
+                    (v.migrated_away, "migrated"),
+                    (v.defined, "defined"),
+                ] {
+                    if on {
+                        flags.push(f);
+                    }
+                }
+                let (time, event) = match &v.newest {
+                    Some(n) => (
+                        n.time.clone(),
+                        if n.reason == "-" {
+                            n.event.clone()
+                        } else {
+                            format!("{} ({})", n.event, n.reason)
+                        },
+                    ),
+                    None => ("-".into(), "-".into()),
+                };
+                [
+                    sanitize(&v.name),
+                    v.uuid.clone(),
+                    v.generations.to_string(),
+                    time,
+                    event,
+                    human_bytes(v.total_bytes),
+                    flags.join(","),
+                ]
+            })
+            .collect();
+        let head = ["NAME", "UUID", "GENS", "NEWEST", "EVENT", "SIZE", "FLAGS"];
+        let mut width = head.map(|h| h.chars().count());
+        for r in &rows {
+            for (i, c) in r.iter().enumerate() {
+                width[i] = width[i].max(c.chars().count());
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut s = String::new();
+            for (i, c) in cells.iter().enumerate() {
+                if i + 1 == cells.len() {
+                    s.push_str(c);
+                } else {
+                    s.push_str(&format!("{c:<w$}  ", w = width[i]));
+                }
+            }
+            s.trim_end().to_owned()
+        };
+        writeln!(out, "{}", line(&head.map(String::from))).map_err(w)?;
+        for r in &rows {
+            writeln!(out, "{}", line(r)).map_err(w)?;
+        }
+    }
+    Ok(if problems > 0 { 1 } else { 0 })
+}

@@ -1,0 +1,20 @@
+//! The operator's commands, one module each. Each returns the exit code.
+
+pub mod check;
+pub mod list;
+pub mod prune;
+pub mod restore;
+pub mod show;
+pub mod verify;
+
+use crate::config::{self, Config};
+use crate::error::Result;
+use crate::logging;
+
+/// Load the configuration for a command (an invalid file is a usage error,
+/// exit 2) and point logging at its syslog socket.
+pub fn load_config() -> Result<Config> {
+    let cfg = Config::load(&config::path_from_env())?;
+    logging::configure(cfg.syslog_socket.clone(), cfg.log_level.filter());
+    Ok(cfg)
+}

@@ -1,0 +1,194 @@
+//! `swtpm-keeper restore <vm> [--generation G] [--force]`: the operator's
+//! restore, with the hook's safety, and the way to override its refusals.
+
+use std::io::Write;
+
+use crate::capture::{self, Event, Outcome};
+use crate::config::Config;
+use crate::domain::Domain;
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::inventory;
+use crate::manifest;
+use crate::qemuconf::QemuConf;
+use crate::restore::{self, NvramOutcome};
+use crate::store::Store;
+use crate::swtpm::{self, StateLocation};
+
+/// Is the VM running? libvirt keeps `<run dir>/<name>.pid` while it does.
+fn running_pid(cfg: &Config, name: &str) -> Option<i32> {
+    let text = std::fs::read_to_string(cfg.libvirt_run_dir.join(format!("{name}.pid"))).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    // SAFETY: signal 0 only checks that the process exists.
+    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+}
+
+/// Does a swtpm hold its lock in the state dir?
+fn swtpm_holder(loc: &StateLocation) -> Option<i32> {
+    let StateLocation::Dir(dir) = loc else {
+        return None;
+    };
+    let f = fsutil::open_no_untrusted_links(&dir.join(".lock"), false).ok()?;
+    swtpm::fcntl_lock_holder(&f).ok().flatten()
+}
+
+pub fn run(
+    cfg: &Config,
+    vm_arg: &str,
+    generation: Option<&str>,
+    force: bool,
+    out: &mut dyn Write,
+) -> Result<i32> {
+    let store = Store::new(&cfg.store_dir);
+    let uuid = inventory::resolve(&store, vm_arg)?;
+    let vm = store.open_vm(&uuid, cfg.lock_timeout())?;
+    let gens = vm.generations()?;
+    if gens.is_empty() {
+        return Err(Error::failed(format!(
+            "the store holds no generation for VM {uuid}"
+        )));
+    }
+    let gen = match generation {
+        Some(g) if !gens.iter().any(|x| x == g) => {
+            return Err(Error::failed(format!(
+                "VM {uuid} has no generation {g} (see `swtpm-keeper show {uuid}`)"
+            )))
+        }
+        Some(g) => vm.load_verified(g, cfg.max_file_size).map_err(|why| {
+            Error::failed(format!(
+                "generation {g} fails verification: {why}; nothing restored"
+            ))
+        })?,
+        None => {
+            let (l, skipped) = restore::newest_good(&vm, &gens, cfg.max_file_size)
+                .map_err(|r| Error::failed(format!("{}; nothing restored", r.why)))?;
+            for (g, why) in skipped {
+                log::warn!(
+                    "generation {g} fails verification ({why}); using {}",
+                    l.name
+                );
+            }
+            l
+        }
+    };
+
+    // The domain as libvirt will start it: its definition here, else the
+    // stored one (an undefined VM about to be defined again, or transient).
+    let (mut domain, from) = match inventory::libvirt_definition(cfg, &gen.manifest.name, &uuid) {
+        Some((path, d)) => (d, path.display().to_string()),
+        None => {
+            let bytes = gen.file(manifest::DOMAIN_XML).unwrap_or_default();
+            (
+                Domain::parse(bytes)?,
+                format!("the stored domain.xml of generation {}", gen.name),
+            )
+        }
+    };
+    let tpm = domain.tpm.clone().ok_or_else(|| {
+        Error::failed(format!(
+            "the domain ({from}) has no emulator TPM: nothing to restore into"
+        ))
+    })?;
+    // With firmware auto-selection the definition may not name the NVRAM.
+    domain.nvram = restore::nvram_path(&domain, &gen.manifest);
+    let loc = StateLocation::of(&cfg.swtpm_dir, &domain, &tpm);
+
+    if let Some(pid) = running_pid(cfg, &domain.name) {
+        return Err(Error::failed(format!(
+            "VM {} is running (pid {pid}): stop it first (virsh shutdown)",
+            domain.name
+        )));
+    }
+    if let Some(pid) = swtpm_holder(&loc) {
+        return Err(Error::failed(format!(
+            "a swtpm (pid {pid}) is using {}: stop the VM first",
+            loc.path().display()
+        )));
+    }
+    if let Err(r) = restore::check_rules(&vm, &gen, &domain, &tpm, &loc) {
+        if !force {
+            return Err(Error::failed(format!(
+                "refusing: {}. Add --force to restore it anyway",
+                r.why
+            )));
+        }
+        log::warn!(
+            "vm={} uuid={uuid}: restoring despite: {} (--force)",
+            domain.name,
+            r.why
+        );
+    }
+
+    let permall = match &loc {
+        StateLocation::Dir(d) => d.join(swtpm::permall_name(tpm.version)),
+        StateLocation::File(f) => f.clone(),
+    };
+    let exists = std::fs::symlink_metadata(&permall).is_ok();
+    if exists && !force {
+        return Err(Error::failed(format!(
+            "libvirt has a TPM state for {} at {}; restoring would replace it. Add --force: the existing \
+             state is captured as a new generation first",
+            domain.name,
+            loc.path().display()
+        )));
+    }
+    if exists {
+        // Keep what is there before replacing it, without pruning (the
+        // generation being restored may be the oldest).
+        let mut keep_all = cfg.clone();
+        keep_all.generations = u32::MAX;
+        let event = Event {
+            op: "cli-restore".into(),
+            sub_op: "replaced".into(),
+            extra: "-".into(),
+        };
+        let live = gen.file(manifest::DOMAIN_LIVE_XML).unwrap_or_default();
+        match capture::capture_locked(&keep_all, &vm, &domain, &tpm, &event, live) {
+            Ok(Outcome::Stored { generation, .. }) => {
+                writeln!(out, "The existing state was captured first as generation {generation}.").ok();
+            }
+            Ok(Outcome::Unchanged { generation, .. }) => {
+                writeln!(out, "The existing state is already stored as generation {generation}.").ok();
+            }
+            Ok(Outcome::NoState { .. }) => {}
+            Err(e) => {
+                return Err(Error::failed(format!(
+                    "cannot capture the existing state first, so nothing was replaced: {e}. If you are sure, \
+                     move {} aside yourself and run restore again",
+                    loc.path().display()
+                )))
+            }
+        }
+    }
+
+    let qc = QemuConf::load(&cfg.qemu_conf);
+    let nvram = restore::put_back(
+        &gen,
+        &domain,
+        &loc,
+        &qc.swtpm_owner(),
+        &qc.qemu_owner(),
+        force,
+    )?;
+    let nv = match &nvram {
+        NvramOutcome::Restored(p) => format!(" and NVRAM into {}", p.display()),
+        NvramOutcome::KeptExisting(p) => format!(" (NVRAM {} exists, kept)", p.display()),
+        NvramOutcome::None => String::new(),
+    };
+    let m = &gen.manifest;
+    let line = format!(
+        "restored TPM {} state from generation {} (captured {} on {} at {}) into {}{nv}",
+        m.tpm.version,
+        gen.name,
+        m.time,
+        m.host,
+        m.event,
+        loc.path().display()
+    );
+    log::info!("vm={} uuid={uuid} event=cli-restore: {line}", domain.name);
+    writeln!(out, "{}: {line}.", domain.name).map_err(|e| Error::failed(e.to_string()))?;
+    if inventory::libvirt_definition(cfg, &domain.name, &uuid).is_none() {
+        writeln!(out, "libvirt does not define {} here; to bring it back: swtpm-keeper show {uuid} --xml > {}.xml && virsh define {}.xml", domain.name, domain.name, domain.name).ok();
+    }
+    Ok(0)
+}

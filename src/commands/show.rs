@@ -1,0 +1,167 @@
+//! `swtpm-keeper show <vm>`
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::inventory::{self, human_bytes, JSON_VERSION};
+use crate::logging::sanitize;
+use crate::manifest::{self, Manifest};
+use crate::store::Store;
+
+#[derive(Serialize)]
+struct ShowJson {
+    version: u32,
+    uuid: String,
+    name: String,
+    defined: bool,
+    migrated_away: Option<String>,
+    store_dir: String,
+    /// Newest first.
+    generations: Vec<GenerationJson>,
+}
+
+#[derive(Serialize)]
+struct GenerationJson {
+    generation: String,
+    path: String,
+    /// None when the manifest cannot be read (see `verify`).
+    manifest: Option<Manifest>,
+    error: Option<String>,
+}
+
+pub fn run(
+    cfg: &Config,
+    vm_arg: &str,
+    json: bool,
+    xml: Option<Option<String>>,
+    out: &mut dyn Write,
+) -> Result<i32> {
+    let store = Store::new(&cfg.store_dir);
+    let uuid = inventory::resolve(&store, vm_arg)?;
+    let vm = store.read_vm(&uuid, cfg.lock_timeout())?;
+    let gens = vm.generations()?;
+    let w = |e: std::io::Error| Error::failed(format!("cannot write the output: {e}"));
+
+    if let Some(which) = xml {
+        let g = match which {
+            Some(g) if gens.contains(&g) => g,
+            Some(g) => return Err(Error::failed(format!("VM {uuid} has no generation {g}"))),
+            None => gens
+                .last()
+                .cloned()
+                .ok_or_else(|| Error::failed(format!("VM {uuid} has no generation")))?,
+        };
+        let p = vm.dir().join(&g).join(manifest::DOMAIN_XML);
+        let bytes = std::fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
+        out.write_all(&bytes).map_err(w)?;
+        return Ok(0);
+    }
+
+    let mut list = Vec::new();
+    for g in gens.iter().rev() {
+        let (manifest, error) = match vm.read_manifest(g) {
+            Ok(m) => (Some(m), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        list.push(GenerationJson {
+            generation: g.clone(),
+            path: vm.dir().join(g).display().to_string(),
+            manifest,
+            error,
+        });
+    }
+    let name = list
+        .iter()
+        .find_map(|g| g.manifest.as_ref().map(|m| m.name.clone()))
+        .unwrap_or_default();
+    let defined = inventory::libvirt_definition(cfg, &name, &uuid).is_some();
+    let migrated = inventory::migrated_away(&vm, gens.last().map(String::as_str));
+
+    if json {
+        let doc = ShowJson {
+            version: JSON_VERSION,
+            uuid,
+            name,
+            defined,
+            migrated_away: migrated,
+            store_dir: vm.dir().display().to_string(),
+            generations: list,
+        };
+        serde_json::to_writer_pretty(&mut *out, &doc).map_err(|e| Error::failed(e.to_string()))?;
+        writeln!(out).map_err(w)?;
+        return Ok(0);
+    }
+
+    let mut s = String::new();
+    s.push_str(&format!("VM {} ({uuid})\n", sanitize(&name)));
+    s.push_str(&format!(
+        "  defined in libvirt here: {}\n",
+        if defined { "yes" } else { "no" }
+    ));
+    s.push_str(&format!("  store: {}\n", vm.dir().display()));
+    if let Some(g) = &migrated {
+        s.push_str(&format!("  MIGRATED AWAY at generation {g}: the hook will not restore it (restore --force overrides)\n"));
+    }
+    s.push_str(&format!(
+        "  {} generation{}, newest first:\n",
+        list.len(),
+        if list.len() == 1 { "" } else { "s" }
+    ));
+    for g in &list {
+        s.push('\n');
+        let Some(m) = &g.manifest else {
+            s.push_str(&format!(
+                "{}  UNREADABLE: {}\n",
+                g.generation,
+                g.error.as_deref().unwrap_or("?")
+            ));
+            continue;
+        };
+        s.push_str(&format!(
+            "{}  captured {} on {}, event {}/{} reason {}\n",
+            g.generation,
+            m.time,
+            sanitize(&m.host),
+            m.event,
+            m.sub_event,
+            m.reason
+        ));
+        let enc = match &m.tpm.encryption_secret {
+            Some(sec) => format!("encrypted with secret {sec}"),
+            None => "not encrypted".into(),
+        };
+        s.push_str(&format!(
+            "    TPM {} ({}), {enc}, from {}\n",
+            m.tpm.version, m.tpm.model, m.tpm.state_path
+        ));
+        if let Some(nv) = &m.nvram {
+            let has = if nv.file.is_some() {
+                "kept"
+            } else {
+                "missing at capture"
+            };
+            s.push_str(&format!("    NVRAM {} ({has})\n", nv.path));
+        }
+        s.push_str(&format!("    domain.xml from {}\n", m.domain_xml_from));
+        for f in &m.files {
+            let owner = format!(
+                "{}:{}",
+                f.owner.clone().unwrap_or_else(|| f.uid.to_string()),
+                f.group.clone().unwrap_or_else(|| f.gid.to_string())
+            );
+            s.push_str(&format!(
+                "    {:<22} {:>10}  {}  {:<26} sha256 {}\n",
+                f.name,
+                human_bytes(f.size),
+                f.mode,
+                owner,
+                f.sha256
+            ));
+        }
+    }
+    out.write_all(s.as_bytes()).map_err(w)?;
+    Ok(0)
+}

@@ -1,0 +1,193 @@
+//! What the store holds, as the operator's commands see it: VMs found by
+//! name or UUID, and a summary of each.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::domain::{self, Domain};
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::restore::{MigratedMarker, MIGRATED_MARKER};
+use crate::store::{Store, VmStore};
+
+/// The schema version of every `--json` output.
+pub const JSON_VERSION: u32 = 1;
+
+/// libvirt's persistent definition of `name`, if it is the VM `uuid`.
+pub fn libvirt_definition(cfg: &Config, name: &str, uuid: &str) -> Option<(PathBuf, Domain)> {
+    if name.is_empty() || name.contains('/') {
+        return None;
+    }
+    let path = cfg.libvirt_config_dir.join(format!("{name}.xml"));
+    let bytes = std::fs::read(&path).ok()?;
+    match Domain::parse(&bytes) {
+        Ok(d) if d.uuid == uuid => Some((path, d)),
+        _ => None,
+    }
+}
+
+/// The name recorded in a VM's newest readable manifest.
+fn newest_manifest(vm: &VmStore, gens: &[String]) -> Option<(String, Manifest)> {
+    gens.iter()
+        .rev()
+        .find_map(|g| vm.read_manifest(g).ok().map(|m| (g.clone(), m)))
+}
+
+fn newest_manifest_unlocked(dir: &Path) -> Option<(String, Manifest)> {
+    let mut gens: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| crate::store::is_generation_name(n))
+        .collect();
+    gens.sort();
+    gens.iter().rev().find_map(|g| {
+        let bytes = std::fs::read(dir.join(g).join(crate::manifest::MANIFEST)).ok()?;
+        Manifest::from_json(&bytes).ok().map(|m| (g.clone(), m))
+    })
+}
+
+/// A VM argument (name or UUID) to the UUID of a VM in the store. An
+/// unknown VM is a failure (exit 1); an ambiguous name is a usage error
+/// (exit 2) that lists the candidates.
+pub fn resolve(store: &Store, arg: &str) -> Result<String> {
+    if let Some(uuid) = domain::normalize_uuid(arg) {
+        if store.vm_dir(&uuid).is_dir() {
+            return Ok(uuid);
+        }
+        return Err(Error::failed(format!(
+            "the store holds nothing for VM {uuid} ({})",
+            store.root().display()
+        )));
+    }
+    // No locks here: a generation is immutable once renamed into place,
+    // and a VM whose lock is held must still be found by name.
+    let mut found: Vec<(String, String)> = Vec::new();
+    for uuid in store.vm_uuids()? {
+        if let Some((g, m)) = newest_manifest_unlocked(&store.vm_dir(&uuid)) {
+            if m.name == arg {
+                found.push((
+                    uuid,
+                    format!("newest generation {g}, captured {} on {}", m.time, m.host),
+                ));
+            }
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0).0),
+        0 => Err(Error::failed(format!(
+            "the store holds no VM named {arg:?} ({}); `swtpm-keeper list` shows what it holds",
+            store.root().display()
+        ))),
+        _ => {
+            let list: Vec<String> = found.iter().map(|(u, d)| format!("  {u}  ({d})")).collect();
+            Err(Error::usage(format!(
+                "{} VMs in the store are named {arg:?}; name one by its UUID:\n{}",
+                found.len(),
+                list.join("\n")
+            )))
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Newest {
+    pub generation: String,
+    pub time: String,
+    pub event: String,
+    pub reason: String,
+    pub host: String,
+}
+
+/// One row of `list`.
+#[derive(Debug, Serialize)]
+pub struct VmSummary {
+    pub uuid: String,
+    pub name: String,
+    pub generations: usize,
+    pub newest: Option<Newest>,
+    pub total_bytes: u64,
+    pub encrypted: bool,
+    pub nvram: bool,
+    pub migrated_away: bool,
+    pub defined: bool,
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The generation named in `migrated-away.json`, if it is the newest
+/// or newer: the VM's TPM lives on elsewhere.
+pub fn migrated_away(vm: &VmStore, newest: Option<&str>) -> Option<String> {
+    let m: MigratedMarker = serde_json::from_slice(&vm.read_marker(MIGRATED_MARKER)?).ok()?;
+    match newest {
+        Some(n) if m.generation.as_str() >= n => Some(m.generation),
+        _ => None,
+    }
+}
+
+pub fn summary(cfg: &Config, vm: &VmStore, uuid: &str) -> Result<VmSummary> {
+    let gens = vm.generations()?;
+    let newest = newest_manifest(vm, &gens);
+    let name = newest
+        .as_ref()
+        .map(|(_, m)| m.name.clone())
+        .unwrap_or_default();
+    let total_bytes = gens.iter().map(|g| dir_bytes(&vm.dir().join(g))).sum();
+    let migrated = migrated_away(vm, gens.last().map(String::as_str)).is_some();
+    Ok(VmSummary {
+        uuid: uuid.to_owned(),
+        defined: libvirt_definition(cfg, &name, uuid).is_some(),
+        generations: gens.len(),
+        total_bytes,
+        encrypted: newest
+            .as_ref()
+            .is_some_and(|(_, m)| m.tpm.encryption_secret.is_some()),
+        nvram: newest
+            .as_ref()
+            .is_some_and(|(_, m)| m.files.iter().any(|f| f.role == "nvram")),
+        migrated_away: migrated,
+        newest: newest.map(|(g, m)| Newest {
+            generation: g,
+            time: m.time,
+            event: m.event,
+            reason: m.reason,
+            host: m.host,
+        }),
+        name,
+    })
+}
+
+/// "540.0 KiB"
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn human_sizes() {
+        assert_eq!(super::human_bytes(512), "512 B");
+        assert_eq!(super::human_bytes(552_960), "540.0 KiB");
+        assert_eq!(super::human_bytes(3 << 30), "3.0 GiB");
+    }
+}
