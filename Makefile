@@ -43,12 +43,15 @@ install: $(BIN)
 	# An operator's configuration is never overwritten.
 	[ -e $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf ] || \
 	    install -m 0644 packaging/swtpm-keeper.conf $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf
+	install -D -m 0644 docs/swtpm-keeper.8 $(DESTDIR)$(MANDIR)/man8/swtpm-keeper.8
+	install -D -m 0644 docs/swtpm-keeper.conf.5 $(DESTDIR)$(MANDIR)/man5/swtpm-keeper.conf.5
 	install -d -m 0700 $(DESTDIR)$(STOREDIR)
 	@if [ -z "$(DESTDIR)" ]; then packaging/reload-libvirt; fi
 
 uninstall:
 	rm -f $(DESTDIR)$(HOOKDIR)/$(HOOKNAME) $(DESTDIR)$(SBINDIR)/swtpm-keeper
 	rm -f $(DESTDIR)$(PKGLIBEXEC)/swtpm-keeper
+	rm -f $(DESTDIR)$(MANDIR)/man8/swtpm-keeper.8 $(DESTDIR)$(MANDIR)/man5/swtpm-keeper.conf.5
 	-rmdir $(DESTDIR)$(PKGLIBEXEC) 2>/dev/null
 	# Remove the configuration only if it is still the shipped one.
 	if cmp -s packaging/swtpm-keeper.conf $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf; then \

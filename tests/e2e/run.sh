@@ -59,6 +59,7 @@ if [ -z "${SWTPM_KEEPER_E2E_INSTALLED:-}" ]; then
     make -s -C "$TOP" install PREFIX=/usr/local || die "make install failed"
 fi
 HOOK=$(ls /etc/libvirt/hooks/qemu.d/swtpm-keeper 2>/dev/null) || die "no hook in /etc/libvirt/hooks/qemu.d"
+KEEPER=$(readlink -f "$HOOK")   # the operator's command is the same binary
 mkdir -p "$(dirname "$CONF")"
 cat >"$CONF" <<CONF
 store_dir = "$STORE"
@@ -251,10 +252,13 @@ fi
 # --- 5. an existing state is never touched ---
 PERM=$SWTPM/$U/tpm2/tpm2-00.permall
 INODE=$(stat -c %i $PERM) && cp $PERM "$WORK/existing.permall"
+prepare_lines() { grep -cF "vm=$N uuid=$U event=prepare/begin" /var/log/syslog; }
+BEFORE=$(prepare_lines)
 virsh start $N >/dev/null && virsh destroy $N >/dev/null
 check "existing: at prepare the permall was the same file, unchanged" \
     sh -c "[ \"$(cat $SNAP/prepare/$U/permall.inode 2>/dev/null)\" = $INODE ] && cmp -s $SNAP/prepare/$U/tpm2/tpm2-00.permall $WORK/existing.permall"
-check "existing: no restore was logged" sh -c "[ \$(grep -cF 'vm=$N uuid=$U event=prepare/begin' /var/log/syslog) = 1 ]"
+sleep 1
+check "existing: no restore was logged" test "$(prepare_lines)" = "$BEFORE"
 virsh undefine $N >/dev/null
 
 # --- 6. UEFI Secure Boot: NVRAM and TPM come back together ---
@@ -345,6 +349,42 @@ check "encrypted: the store is unchanged" test "$(gen_count $U)" = "$GENS_BEFORE
 check "encrypted: the refusal is in syslog" wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "TPM state NOT restored"
 virsh undefine $N >/dev/null
 virsh secret-undefine $S2 >/dev/null
+
+# --- 10. the operator brings back an undefined VM with the CLI ---
+N=swk-e2e-cli U=5ee2e000-0000-4000-8000-000000000015
+VMS+=("$N")
+domain_xml $N $U yes >"$WORK/$N.xml"
+virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N"
+wait_for 20 test -s $SWTPM/$U/tpm2/tpm2-00.permall || die "$N: no TPM state"
+virsh destroy $N >/dev/null
+tpm_open $SWTPM/$U/tpm2 || die "cannot open $N's TPM"
+head -c 32 /dev/urandom >"$WORK/cli-nv.in"
+tpm2_nvdefine -T "$TCTI" $NV_INDEX -C o -s 32 -a "ownerread|ownerwrite" >/dev/null &&
+    tpm2_nvwrite -T "$TCTI" $NV_INDEX -C o -i "$WORK/cli-nv.in" && ek_pub "$WORK/cli-ek.before" || die "cannot write $N's TPM"
+tpm_close
+virsh start $N >/dev/null && virsh destroy $N >/dev/null
+check "cli: list shows the VM as defined" sh -c "'$KEEPER' list | grep '^$N ' | grep -q defined"
+check "cli: verify finds the whole store sound" quiet "$KEEPER" verify
+check "cli: check finds nothing to fix" quiet "$KEEPER" check
+virsh undefine --nvram $N >/dev/null
+check "cli: list no longer shows it as defined" sh -c "'$KEEPER' list --json | grep -A20 '\"uuid\": \"$U\"' | grep -q '\"defined\": false'"
+"$KEEPER" show $N --xml >"$WORK/$N.back.xml"
+check "cli: show --xml gives a definition virsh accepts" quiet virsh define "$WORK/$N.back.xml"
+check "cli: restore puts the TPM back" quiet "$KEEPER" restore $N
+check "cli: the state is in libvirt's path, owned by tss" sh -c "[ \"\$(stat -c %U $SWTPM/$U/tpm2/tpm2-00.permall)\" = tss ]"
+check "cli: a second restore refuses to replace it" sh -c "! '$KEEPER' restore $N >/dev/null 2>&1"
+check "cli: the VM boots with its TPM" quiet virsh start $N
+virsh destroy $N >/dev/null
+if tpm_open $SWTPM/$U/tpm2; then
+    tpm2_nvread -T "$TCTI" $NV_INDEX -C o -s 32 -o "$WORK/cli-nv.out" >/dev/null 2>&1
+    ek_pub "$WORK/cli-ek.after"
+    tpm_close
+    check "cli: the NV index holds the same random value" same_file "$WORK/cli-nv.in" "$WORK/cli-nv.out"
+    check "cli: the endorsement key is unchanged" same_file "$WORK/cli-ek.before" "$WORK/cli-ek.after"
+else
+    nok "cli: cannot open the restored TPM"
+fi
+virsh undefine $N >/dev/null
 
 echo "e2e: $PASS passed, $FAIL failed"
 [ "$FAIL" = 0 ]
