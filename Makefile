@@ -18,14 +18,17 @@ LOCALSTATEDIR ?= /var
 HOOKNAME      ?= swtpm-keeper
 CARGO         ?= cargo
 CARGOFLAGS    ?= --locked
+CARGO_TARGET_DIR ?= target
+export CARGO_TARGET_DIR
+VERSION       := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
-BIN      = target/release/swtpm-keeper
+BIN      = $(CARGO_TARGET_DIR)/release/swtpm-keeper
 PKGLIBEXEC = $(LIBEXECDIR)/swtpm-keeper
 HOOKDIR  = $(SYSCONFDIR)/libvirt/hooks/qemu.d
 CONFDIR  = $(SYSCONFDIR)/swtpm-keeper
 STOREDIR = $(LOCALSTATEDIR)/lib/swtpm-keeper
 
-.PHONY: all build install uninstall check clean
+.PHONY: all build install uninstall check clean deb rpm dist
 
 all: build
 
@@ -43,6 +46,7 @@ install: $(BIN)
 	# An operator's configuration is never overwritten.
 	[ -e $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf ] || \
 	    install -m 0644 packaging/swtpm-keeper.conf $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf
+	install -m 0755 packaging/reload-libvirt $(DESTDIR)$(PKGLIBEXEC)/reload-libvirt
 	install -D -m 0644 docs/swtpm-keeper.8 $(DESTDIR)$(MANDIR)/man8/swtpm-keeper.8
 	install -D -m 0644 docs/swtpm-keeper.conf.5 $(DESTDIR)$(MANDIR)/man5/swtpm-keeper.conf.5
 	install -d -m 0700 $(DESTDIR)$(STOREDIR)
@@ -50,7 +54,7 @@ install: $(BIN)
 
 uninstall:
 	rm -f $(DESTDIR)$(HOOKDIR)/$(HOOKNAME) $(DESTDIR)$(SBINDIR)/swtpm-keeper
-	rm -f $(DESTDIR)$(PKGLIBEXEC)/swtpm-keeper
+	rm -f $(DESTDIR)$(PKGLIBEXEC)/swtpm-keeper $(DESTDIR)$(PKGLIBEXEC)/reload-libvirt
 	rm -f $(DESTDIR)$(MANDIR)/man8/swtpm-keeper.8 $(DESTDIR)$(MANDIR)/man5/swtpm-keeper.conf.5
 	-rmdir $(DESTDIR)$(PKGLIBEXEC) 2>/dev/null
 	# Remove the configuration only if it is still the shipped one.
@@ -62,5 +66,30 @@ uninstall:
 check:
 	tests/run-all
 
+# The source tree as released: what git tracks.
+dist:
+	mkdir -p build
+	git archive --format=tar.gz --prefix=swtpm-keeper-$(VERSION)/ -o build/swtpm-keeper-$(VERSION).tar.gz HEAD
+	@echo build/swtpm-keeper-$(VERSION).tar.gz
+
+# A .deb for Debian 12 and later, from packaging/debian (dpkg-buildpackage,
+# debhelper). The compiled crates are shared with this tree's target/.
+deb: dist
+	rm -rf build/deb && mkdir -p build/deb
+	tar -xzf build/swtpm-keeper-$(VERSION).tar.gz -C build/deb
+	cp -a packaging/debian build/deb/swtpm-keeper-$(VERSION)/debian
+	cd build/deb/swtpm-keeper-$(VERSION) && \
+	    CARGO_TARGET_DIR=$(abspath $(CARGO_TARGET_DIR)) dpkg-buildpackage -b -us -uc
+	@ls build/deb/*.deb
+
+# An .rpm from packaging/rpm/swtpm-keeper.spec (rpmbuild; Fedora/RHEL).
+rpm: dist
+	rm -rf build/rpm && mkdir -p build/rpm/SOURCES
+	cp build/swtpm-keeper-$(VERSION).tar.gz build/rpm/SOURCES/
+	CARGO_TARGET_DIR=$(abspath $(CARGO_TARGET_DIR)) rpmbuild -bb --nodeps \
+	    --define "_topdir $(abspath build/rpm)" packaging/rpm/swtpm-keeper.spec
+	@find build/rpm/RPMS -name '*.rpm'
+
 clean:
 	$(CARGO) clean
+	rm -rf build
