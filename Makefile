@@ -41,7 +41,7 @@ $(BIN):
 install: $(BIN)
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PKGLIBEXEC)/swtpm-keeper
 	install -d -m 0755 $(DESTDIR)$(SBINDIR) $(DESTDIR)$(HOOKDIR) $(DESTDIR)$(CONFDIR)
-	ln -sfn $(PKGLIBEXEC)/swtpm-keeper $(DESTDIR)$(SBINDIR)/swtpm-keeper
+	ln -sfnr $(DESTDIR)$(PKGLIBEXEC)/swtpm-keeper $(DESTDIR)$(SBINDIR)/swtpm-keeper
 	ln -sfn $(PKGLIBEXEC)/swtpm-keeper $(DESTDIR)$(HOOKDIR)/$(HOOKNAME)
 	# An operator's configuration is never overwritten.
 	[ -e $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf ] || \

@@ -67,12 +67,8 @@ fn read_state(
                 Err(e) => return Err(e),
             };
             let data = fsutil::read_regular(&mut f, path, max)?;
-            if data.bytes.is_empty() {
-                return Err(Error::failed(format!(
-                    "refusing {}: the state file is empty",
-                    path.display()
-                )));
-            }
+            swtpm::check_linear(&data.bytes)
+                .map_err(|why| Error::failed(format!("refusing {}: {why}", path.display())))?;
             let c = Captured {
                 name: swtpm::FILE_STATE_NAME.into(),
                 role: "tpm",

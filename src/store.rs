@@ -326,15 +326,19 @@ pub fn load_verified(dir: &Path, max: u64) -> std::result::Result<Loaded, String
                 ))
             }
         }
-        if f.role == "tpm" && f.name != crate::swtpm::FILE_STATE_NAME {
+        if f.role == "tpm" {
             let bytes = &files
                 .iter()
                 .find(|(n, _)| n == &f.name)
                 .expect("checked above")
                 .1;
-            let tpm2_permall = m.tpm.version == "2.0" && f.name == "tpm2-00.permall";
-            crate::swtpm::check_blob(bytes, tpm2_permall)
-                .map_err(|why| format!("{}: {why}", f.name))?;
+            let checked = if f.name == crate::swtpm::FILE_STATE_NAME {
+                crate::swtpm::check_linear(bytes)
+            } else {
+                let tpm2_permall = m.tpm.version == "2.0" && f.name == "tpm2-00.permall";
+                crate::swtpm::check_blob(bytes, tpm2_permall).map(|_| ())
+            };
+            checked.map_err(|why| format!("{}: {why}", f.name))?;
         }
     }
     if !m.files.iter().any(|f| f.role == "tpm") {

@@ -136,6 +136,51 @@ pub fn check_blob(bytes: &[u8], is_tpm2_permall: bool) -> Result<u16, String> {
     Ok(flags)
 }
 
+/// swtpm's linear file store (`<source type='file'>`): the magic
+/// "swtpmlin", version 1, flags, header size, then up to 15 entries of
+/// (offset, data length, section length), all in host (little-endian)
+/// order. Each allocated entry must be a valid state blob; a file that
+/// `swtpm_setup` formatted but never filled holds none, and is refused.
+pub fn check_linear(bytes: &[u8]) -> Result<(), String> {
+    const MAGIC: u64 = 0x7377_7470_6d6c_696e; // "swtpmlin"
+    const MAX_STATES: usize = 15;
+    let u32_at = |o: usize| {
+        u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
+    };
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    if bytes.len() < 12 || u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) != MAGIC {
+        return Err("not a swtpm linear state file (no 'swtpmlin' magic)".into());
+    }
+    if bytes[8] != 1 {
+        return Err(format!("unknown linear file version {}", bytes[8]));
+    }
+    let hdrsize = u16::from_le_bytes([bytes[10], bytes[11]]) as usize;
+    if hdrsize < 12 || hdrsize > bytes.len() {
+        return Err(format!("bad linear header size {hdrsize}"));
+    }
+    let entries = ((hdrsize - 12) / 12).min(MAX_STATES);
+    let mut states = 0;
+    for i in 0..entries {
+        let e = 12 + i * 12;
+        let (offset, len) = (u32_at(e), u32_at(e + 4));
+        if offset == 0 || len == 0 {
+            continue;
+        }
+        if offset < hdrsize || offset.checked_add(len).is_none_or(|end| end > bytes.len()) {
+            return Err(format!("linear entry {i} points outside the file"));
+        }
+        check_blob(&bytes[offset..offset + len], false)
+            .map_err(|why| format!("linear entry {i}: {why}"))?;
+        states += 1;
+    }
+    if states == 0 {
+        return Err("the linear file holds no TPM state (formatted, never written)".into());
+    }
+    Ok(())
+}
+
 /// If a process holds a POSIX (fcntl) lock on the open file, its pid.
 /// A running swtpm holds one on `.lock` (flock would not see it).
 pub fn fcntl_lock_holder(file: &File) -> std::io::Result<Option<i32>> {
@@ -197,6 +242,46 @@ mod tests {
             .unwrap_err()
             .contains("past the end"));
         assert!(check_blob(&[0u8; 4096], true).is_err());
+    }
+
+    /// A linear file as swtpm lays it out, holding `blobs`.
+    fn linear(blobs: &[&[u8]]) -> Vec<u8> {
+        let hdrsize = 12 + 15 * 12;
+        let mut v = vec![0u8; hdrsize];
+        v[..8].copy_from_slice(&0x7377_7470_6d6c_696e_u64.to_le_bytes());
+        v[8] = 1;
+        v[10..12].copy_from_slice(&(hdrsize as u16).to_le_bytes());
+        for (i, b) in blobs.iter().enumerate() {
+            let off = v.len() as u32;
+            let e = 12 + i * 12;
+            v[e..e + 4].copy_from_slice(&off.to_le_bytes());
+            v[e + 4..e + 8].copy_from_slice(&(b.len() as u32).to_le_bytes());
+            v[e + 8..e + 12].copy_from_slice(&(b.len() as u32).to_le_bytes());
+            v.extend_from_slice(b);
+        }
+        v
+    }
+
+    #[test]
+    fn linear_files_are_checked_entry_by_entry() {
+        let permall = fixture("tpm2-00.permall.plain");
+        assert_eq!(check_linear(&linear(&[&permall])), Ok(()));
+        assert!(check_linear(&linear(&[]))
+            .unwrap_err()
+            .contains("never written"));
+        assert!(check_linear(&[]).unwrap_err().contains("empty"));
+        assert!(check_linear(b"swtpmlin\x01\x00\x0c\x00")
+            .unwrap_err()
+            .contains("magic"));
+        let mut bad = linear(&[&permall]);
+        let n = bad.len();
+        bad[n - 1000] ^= 0xff; // inside the blob's TLV area
+        bad[200] ^= 0x01; // the blob's totlen
+        assert!(check_linear(&bad).unwrap_err().contains("linear entry 0"));
+        let mut outside = linear(&[&permall]);
+        outside[16] = 0xff; // data length far past the end
+        outside[17] = 0xff;
+        assert!(check_linear(&outside).unwrap_err().contains("outside"));
     }
 
     #[test]

@@ -162,6 +162,9 @@ newest_gen() { ls -d "$STORE/$1"/0* 2>/dev/null | tail -n 1; }
 gen_count() { ls -d "$STORE/$1"/0* 2>/dev/null | wc -l; }
 syslog_has() { grep -qF -- "$1" /var/log/syslog 2>/dev/null && grep -F -- "$1" /var/log/syslog | grep -qF -- "$2"; }
 
+LIBVIRT=$(virsh version --daemon 2>/dev/null | sed -n "s/^Running against daemon: //p")
+# version_ge A B: A >= B
+version_ge() { printf '%s\n%s\n' "$2" "$1" | sort -V -C; }
 echo "# libvirt $(virsh version --daemon 2>/dev/null | sed -n "s/^Running against daemon: //p"), swtpm $(swtpm --version 2>&1 | sed -n 's/.*version \([0-9.]*\).*/\1/p'), hook $HOOK"
 
 # --- 1. persistent VM: start, destroy, undefine ---
@@ -385,6 +388,79 @@ else
     nok "cli: cannot open the restored TPM"
 fi
 virsh undefine $N >/dev/null
+
+# --- 11. libvirt >= 10.5: release passes the shutoff reason ---
+if version_ge "$LIBVIRT" 10.5.0; then
+    check "reason: release after destroy carries reason=destroyed" \
+        syslog_has "vm=swk-e2e-transient uuid=5ee2e000-0000-4000-8000-000000000002 event=release/end reason=destroyed" "unchanged since generation"
+else
+    echo "# libvirt $LIBVIRT < 10.5: release carries no shutoff reason (cases 11 not applicable)"
+fi
+
+# --- 12. libvirt >= 10.10: <source type='dir'> and type='file' state paths ---
+if version_ge "$LIBVIRT" 10.10.0; then
+    src_xml() { # NAME UUID TYPE PATH
+        cat <<XML
+<domain type='qemu'>
+  <name>$1</name>
+  <uuid>$2</uuid>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'><source type='$3' path='$4'/></backend></tpm>
+  <graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices>
+</domain>
+XML
+    }
+    N=swk-e2e-srcdir U=5ee2e000-0000-4000-8000-000000000016 D=/var/lib/swk-e2e-tpmdir
+    VMS+=("$N")
+    rm -rf $D && install -d -m 0755 $D
+    src_xml $N $U dir "$D/$U" >"$WORK/$N.xml"
+    virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N"
+    wait_for 20 test -s "$D/$U/tpm2-00.permall" || die "$N: no state in $D/$U"
+    virsh destroy $N >/dev/null
+    cp "$D/$U/tpm2-00.permall" "$WORK/srcdir.permall"
+    virsh undefine $N >/dev/null
+    G=$(newest_gen $U)
+    check "source dir: the store holds the state from <source path>" same_file "$G/tpm2-00.permall" "$WORK/srcdir.permall"
+    check "source dir: the manifest records the path" grep -q "\"state_path\": \"$D/$U\"" "$G/manifest.json"
+    if [ ! -e "$D/$U/tpm2-00.permall" ]; then
+        virsh define "$G/domain.xml" >/dev/null
+        check "source dir: the start after define succeeds" quiet virsh start $N
+        virsh destroy $N >/dev/null
+        check "source dir: the state came back into <source path>" \
+            wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "restored TPM 2.0 state from generation $(basename "$G") (captured"
+        ek_of_copy "$G" "$WORK/srcdir.ek1" && ek_of_copy "$D/$U" "$WORK/srcdir.ek2"
+        check "source dir: the same TPM (same EK)" same_file "$WORK/srcdir.ek1" "$WORK/srcdir.ek2"
+        virsh undefine $N >/dev/null
+    else
+        echo "# libvirt $LIBVIRT kept $D/$U at undefine: nothing to restore"
+    fi
+    rm -rf $D
+
+    N=swk-e2e-srcfile U=5ee2e000-0000-4000-8000-000000000017 F=/var/lib/swk-e2e-tpmfile
+    VMS+=("$N")
+    # swtpm_setup replaces the file, so its directory must be swtpm's.
+    rm -rf $F && install -d -o tss -g tss -m 0700 $F
+    src_xml $N $U file "$F/$U.state" >"$WORK/$N.xml"
+    virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N (file-backed TPM)"
+    wait_for 20 test -s "$F/$U.state" || die "$N: no state in $F/$U.state"
+    virsh destroy $N >/dev/null
+    cp "$F/$U.state" "$WORK/srcfile.state"
+    virsh undefine $N >/dev/null
+    G=$(newest_gen $U)
+    check "source file: the store holds the linear state file" same_file "$G/tpm-state.file" "$WORK/srcfile.state"
+    rm -f "$F/$U.state"   # whether or not libvirt removed it at undefine
+    virsh define "$G/domain.xml" >/dev/null
+    check "source file: the start after define succeeds" quiet virsh start $N
+    virsh destroy $N >/dev/null
+    check "source file: the state came back into <source path>" \
+        wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "restored TPM 2.0 state from generation $(basename "$G") (captured"
+    check "source file: it is owned by tss" test "$(stat -c %U "$F/$U.state" 2>/dev/null)" = tss
+    virsh undefine $N >/dev/null
+    rm -rf $F
+else
+    echo "# libvirt $LIBVIRT < 10.10: no <source> state paths (cases 12 not applicable)"
+fi
 
 echo "e2e: $PASS passed, $FAIL failed"
 [ "$FAIL" = 0 ]

@@ -2,7 +2,7 @@
 # Install (if missing) and start what the end-to-end suite drives: Debian's
 # libvirt, qemu, swtpm, rsyslog. Works with or without systemd.
 set -euo pipefail
-pkgs=(libvirt-daemon-system libvirt-clients qemu-system-x86 swtpm swtpm-tools rsyslog ovmf tpm2-tools)
+pkgs=(libvirt-daemon-system libvirt-clients qemu-system-x86 swtpm swtpm-tools rsyslog ovmf tpm2-tools git make)
 need=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Put libvirt 9 (Debian 12) or 11 (bookworm-backports) on this host, and
+# restart its daemons: `tests/e2e/libvirt-version.sh 9|11`. Upgrades and
+# downgrades both work, so the matrix can run in any order on one machine.
+set -euo pipefail
+want=${1:?usage: libvirt-version.sh 9|11}
+BPO=/etc/apt/sources.list.d/swtpm-keeper-bookworm-backports.sources
+
+current() { dpkg-query -W -f='${Version}' libvirt-daemon 2>/dev/null | cut -d. -f1; }
+restart() {
+    for d in libvirtd virtqemud virtlogd; do pkill -x "$d" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do pidof libvirtd virtlogd >/dev/null || break; sleep 0.1; done
+    virtlogd -d
+    libvirtd -d
+    for _ in $(seq 1 60); do virsh -q -c qemu:///system version >/dev/null 2>&1 && return 0; sleep 0.5; done
+    echo "libvirt-version: libvirtd does not answer after the switch" >&2
+    return 1
+}
+libvirt_pkgs() { # installed binary packages built from libvirt
+    dpkg-query -W -f='${db:Status-Abbrev} ${binary:Package} ${source:Package}\n' |
+        awk '$1 ~ /^ii/ && ($3 == "libvirt" || ($3 == "" && $2 ~ /^libvirt/)) {print $2}' | sed 's/:amd64$//'
+}
+
+if [ "$(current)" = "$want" ]; then
+    echo "libvirt-version: libvirt $(dpkg-query -W -f='${Version}' libvirt-daemon) already"
+    exit 0
+fi
+case "$want" in
+    11)
+        if [ ! -e "$BPO" ]; then
+            printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' >"$BPO"
+        fi
+        apt-get update -qq
+        # shellcheck disable=SC2046
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports $(libvirt_pkgs) >/dev/null
+        ;;
+    9)
+        bookworm_version() { apt-cache madison "$1" | grep -v backports | awk -F'|' 'NR==1 {gsub(/ /, "", $2); print $2}'; }
+        [ -n "$(bookworm_version libvirt-daemon)" ] || apt-get update -qq
+        v=$(bookworm_version libvirt-daemon)
+        # 11.x split libvirt into packages 9.0 does not have: remove those
+        # in the same transaction as the downgrade of the others.
+        args=()
+        for p in $(libvirt_pkgs); do
+            if [ "$(bookworm_version "$p")" = "$v" ]; then args+=("$p=$v"); else args+=("$p-"); fi
+        done
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades --allow-remove-essential "${args[@]}" >/dev/null
+        ;;
+    *) echo "usage: libvirt-version.sh 9|11" >&2; exit 2 ;;
+esac
+restart
+echo "libvirt-version: now libvirt $(dpkg-query -W -f='${Version}' libvirt-daemon)"
