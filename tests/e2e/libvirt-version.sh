@@ -44,7 +44,11 @@ case "$want" in
         for p in $(libvirt_pkgs); do
             if [ "$(bookworm_version "$p")" = "$v" ]; then args+=("$p=$v"); else args+=("$p-"); fi
         done
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades --allow-remove-essential "${args[@]}" >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades "${args[@]}" >/dev/null
+        # Files that moved between packages in 11.x (cpu_map, ...) went
+        # with the removed ones: reinstall 9.0 to put every file back.
+        # shellcheck disable=SC2046
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall $(libvirt_pkgs) >/dev/null
         ;;
     *) echo "usage: libvirt-version.sh 9|11" >&2; exit 2 ;;
 esac
