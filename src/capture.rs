@@ -305,6 +305,8 @@ pub fn capture_locked(
         files: files.iter().map(entry).collect(),
     };
 
+    crate::failpoint::hit("capture-after-read");
+
     // libvirt 10.5+ says why the VM stopped: after an outgoing migration
     // this host's copy goes stale, whatever generation holds it.
     let migrated = event.extra == "migrated";

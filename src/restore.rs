@@ -158,6 +158,9 @@ pub fn at_prepare(
         }
     }
     let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
+    if let Err(e) = remove_leftovers(&loc) {
+        log::warn!("vm={} uuid={}: {e}", domain.name, domain.uuid);
+    }
     if state_present(&loc, tpm) {
         return Ok(Outcome::Nothing(format!(
             "libvirt's TPM state exists at {}",
@@ -354,6 +357,38 @@ pub fn nvram_path(domain: &Domain, m: &Manifest) -> Option<PathBuf> {
     Some(recorded.with_file_name(renamed))
 }
 
+/// Remove what an interrupted restore left beside libvirt's path (a
+/// half-built directory, or the one swapped out). Only in a directory that
+/// root alone can write: elsewhere a name is no proof that it is ours.
+fn remove_leftovers(loc: &StateLocation) -> Result<()> {
+    let (parent, prefix) = match loc {
+        StateLocation::Dir(d) => (split(d)?.0, TMP_PREFIX.to_owned()),
+        StateLocation::File(f) => {
+            let (p, leaf) = split(f)?;
+            (p, format!(".{leaf}{TMP_PREFIX}"))
+        }
+    };
+    let dir = match Dir::open(parent) {
+        Ok(d) => d,
+        Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !dir.is_trusted()? && matches!(loc, StateLocation::Dir(_)) {
+        return Ok(());
+    }
+    let mut removed = false;
+    for n in dir.names()? {
+        if n.starts_with(&prefix) {
+            dir.remove_entry(&n)?;
+            removed = true;
+        }
+    }
+    if removed {
+        dir.sync()?;
+    }
+    Ok(())
+}
+
 fn version_of(gen: &Loaded) -> crate::domain::TpmVersion {
     crate::domain::TpmVersion::parse(&gen.manifest.tpm.version)
         .unwrap_or(crate::domain::TpmVersion::V2_0)
@@ -405,9 +440,16 @@ fn put_file(
     if !replace && dir.entry_stat(name)?.is_some() {
         return Ok(false);
     }
-    let tmp = format!(".{name}{TMP_PREFIX}{}", std::process::id());
-    dir.remove_entry(&tmp)?;
+    // Temporaries of runs that crashed here (any pid) go first.
+    let leftover = format!(".{name}{TMP_PREFIX}");
+    for n in dir.names()? {
+        if n.starts_with(&leftover) {
+            dir.remove_entry(&n)?;
+        }
+    }
+    let tmp = format!("{leftover}{}", std::process::id());
     dir.write_new(&tmp, bytes, 0o600, Some((owner.uid, owner.gid)))?;
+    failpoint::hit("restore-file-before-rename");
     let how = if replace {
         Rename::Replace
     } else {
@@ -468,6 +510,7 @@ fn put_dir(
     for (name, bytes) in files {
         nd.write_new(name, bytes, 0o600, ids)?;
     }
+    failpoint::hit("restore-dir-half-written");
     nd.chown_chmod(ids, 0o700)?;
     nd.sync()?;
     failpoint::hit("restore-before-rename");
@@ -485,6 +528,7 @@ fn put_dir(
             }
             pdir.rename(&tmp, leaf, Rename::Exchange)?;
             pdir.sync()?;
+            failpoint::hit("restore-after-exchange");
             if let Err(e) = pdir.remove_entry(&tmp) {
                 log::warn!(
                     "restored {}, but could not remove the directory it replaced: {e}",

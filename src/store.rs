@@ -363,6 +363,7 @@ impl VmStore {
         let tmp = self.dir.join(format!("{TMP_PREFIX}{name}"));
         let _ = std::fs::remove_file(&tmp);
         fsutil::write_new_synced(&tmp, bytes, 0o600)?;
+        failpoint::hit("marker-before-rename");
         let dest = self.dir.join(name);
         std::fs::rename(&tmp, &dest).ctx("rename into place", &dest)?;
         fsutil::fsync_dir(&self.dir)

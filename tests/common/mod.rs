@@ -58,10 +58,18 @@ impl Host {
             root,
             log,
         };
-        let mut text = format!(
+        let base = format!(
             "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\n",
             h.store, h.swtpm, h.etc_qemu, sock
         );
+        // A key in `extra` replaces the base's (TOML refuses duplicates).
+        let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_owned();
+        let overridden: Vec<String> = extra.lines().map(key).collect();
+        let mut text: String = base
+            .lines()
+            .filter(|l| !overridden.contains(&key(l)))
+            .map(|l| format!("{l}\n"))
+            .collect();
         text.push_str(extra);
         std::fs::write(&h.conf, text).unwrap();
         h
