@@ -489,7 +489,7 @@ fn put_dir(
             grand.display()
         )));
     }
-    let pdir = open_or_create_dir(parent, 0o711, Some((0, 0)))?;
+    let pdir = open_or_create_dir(parent, 0o711, None)?;
     if !pdir.is_trusted()? {
         let st = pdir.stat()?;
         return Err(Error::failed(format!(

@@ -49,6 +49,7 @@ fn state(i: usize) -> Vec<u8> {
     p
 }
 
+#[cfg(feature = "failpoints")]
 fn hook_with_failpoint(
     h: &Host,
     fp: &str,

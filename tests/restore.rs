@@ -7,18 +7,30 @@ mod common;
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-const SWTPM_UID: u32 = 4242;
-const SWTPM_GID: u32 = 4243;
-const QEMU_UID: u32 = 4300;
-const QEMU_GID: u32 = 4301;
+// Owners from qemu.conf: distinct ids as root; without root (chown to
+// another user needs it) the caller's own, so the suite runs either way.
+fn ids() -> (u32, u32, u32, u32) {
+    // SAFETY: no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if uid == 0 {
+        (4242, 4243, 4300, 4301)
+    } else {
+        (uid, gid, uid, gid)
+    }
+}
 
 fn host(test: &str, extra: &str) -> Host {
+    let (swtpm_uid, swtpm_gid, qemu_uid, qemu_gid) = ids();
     let h = Host::with_config(test, extra);
     let qc = h.root.join("qemu.conf");
-    std::fs::write(&qc, format!("user = \"+{QEMU_UID}\"\ngroup = \"+{QEMU_GID}\"\nswtpm_user = \"+{SWTPM_UID}\"\nswtpm_group = \"+{SWTPM_GID}\"\n")).unwrap();
-    let mut conf = std::fs::read_to_string(&h.conf).unwrap();
-    conf.push_str(&format!("qemu_conf = {qc:?}\n"));
-    std::fs::write(&h.conf, conf).unwrap();
+    std::fs::write(&qc, format!("user = \"+{qemu_uid}\"\ngroup = \"+{qemu_gid}\"\nswtpm_user = \"+{swtpm_uid}\"\nswtpm_group = \"+{swtpm_gid}\"\n")).unwrap();
+    let conf = std::fs::read_to_string(&h.conf).unwrap();
+    let conf: String = conf
+        .lines()
+        .filter(|l| !l.starts_with("qemu_conf"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&h.conf, format!("{conf}qemu_conf = {qc:?}\n")).unwrap();
     h
 }
 
@@ -72,22 +84,27 @@ fn a_lost_state_and_nvram_come_back_as_the_pair_they_were() {
         .collect();
     assert_eq!(names, ["tpm2-00.permall"]);
     // Owners and modes as libvirt sets them, from qemu.conf.
+    let (swtpm_uid, swtpm_gid, qemu_uid, qemu_gid) = ids();
     let md = std::fs::metadata(&d).unwrap();
     assert_eq!(
         (md.uid(), md.gid(), md.mode() & 0o777),
-        (SWTPM_UID, SWTPM_GID, 0o700)
+        (swtpm_uid, swtpm_gid, 0o700)
     );
     let md = std::fs::metadata(d.join("tpm2-00.permall")).unwrap();
     assert_eq!(
         (md.uid(), md.gid(), md.mode() & 0o777),
-        (SWTPM_UID, SWTPM_GID, 0o600)
+        (swtpm_uid, swtpm_gid, 0o600)
     );
     let md = std::fs::metadata(h.swtpm.join(UUID_EFI)).unwrap();
-    assert_eq!((md.uid(), md.mode() & 0o777), (0, 0o711));
+    // SAFETY: no preconditions.
+    assert_eq!(
+        (md.uid(), md.mode() & 0o777),
+        (unsafe { libc::geteuid() }, 0o711)
+    );
     let md = std::fs::metadata(h.nvram_path()).unwrap();
     assert_eq!(
         (md.uid(), md.gid(), md.mode() & 0o777),
-        (QEMU_UID, QEMU_GID, 0o600)
+        (qemu_uid, qemu_gid, 0o600)
     );
     // No temporaries left beside them.
     assert_eq!(
@@ -383,7 +400,7 @@ fn a_parent_writable_by_others_is_refused_and_not_written() {
     h.logs();
     let out = prepare(&h, &h.efi_xml());
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("writable by uid 0 (mode 777)"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(mode 777), not root alone"));
     assert!(!h.state_dir(UUID_EFI).exists());
 }
 
