@@ -201,7 +201,10 @@ impl Domain {
             .name
             .ok_or_else(|| Error::failed("domain XML has no <name>"))?;
         let name = name.trim().to_owned();
-        if name.is_empty() || name.contains('/') || name.len() > 1024 {
+        // XML 1.0 forbids these characters; quick-xml does not check.
+        let forbidden = |c: char| c < ' ' && !matches!(c, '\t' | '\n' | '\r');
+        if name.is_empty() || name.contains('/') || name.len() > 1024 || name.chars().any(forbidden)
+        {
             return Err(Error::failed(format!(
                 "domain XML has an unusable <name> {name:?}"
             )));

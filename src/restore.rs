@@ -357,6 +357,14 @@ pub fn nvram_path(domain: &Domain, m: &Manifest) -> Option<PathBuf> {
     Some(recorded.with_file_name(renamed))
 }
 
+/// Names swtpm (and libvirt for it) leaves in a state directory.
+fn swtpm_owned(name: &str) -> bool {
+    name.starts_with('.')
+        || name.starts_with("TMP")
+        || name.starts_with("tpm-00.")
+        || name.starts_with("tpm2-00.")
+}
+
 /// Remove what an interrupted restore left beside libvirt's path (a
 /// half-built directory, or the one swapped out). Only in a directory that
 /// root alone can write: elsewhere a name is no proof that it is ours.
@@ -518,12 +526,33 @@ fn put_dir(
         None => pdir.rename(&tmp, leaf, Rename::NoReplace)?,
         Some(st) if Dir::entry_is_dir(&st) => {
             // A directory without state (swtpm_setup never ran, or only
-            // .lock is left): swap ours in, then drop the old one.
-            if !replace && pdir.open_subdir(leaf)?.entry_stat(permall)?.is_some() {
+            // .lock is left): swap ours in, then drop the old one. Only if
+            // it holds nothing but swtpm's files: a <source path> that
+            // names some other directory is never swapped out.
+            let old = pdir.open_subdir(leaf)?;
+            if !replace && old.entry_stat(permall)?.is_some() {
                 pdir.remove_entry(&tmp)?;
                 return Err(Error::failed(format!(
                     "{} gained a TPM state while restoring; left as it is",
                     dir.display()
+                )));
+            }
+            let foreign: Vec<String> = old
+                .names()?
+                .into_iter()
+                .filter(|n| !swtpm_owned(n))
+                .collect();
+            if !foreign.is_empty() {
+                pdir.remove_entry(&tmp)?;
+                return Err(Error::failed(format!(
+                    "{} holds files that are not swtpm's ({}); refusing to replace it",
+                    dir.display(),
+                    foreign
+                        .iter()
+                        .take(5)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
             pdir.rename(&tmp, leaf, Rename::Exchange)?;
