@@ -456,7 +456,10 @@ fn put_file(
         }
     }
     let tmp = format!("{leftover}{}", std::process::id());
-    dir.write_new(&tmp, bytes, 0o600, Some((owner.uid, owner.gid)))?;
+    if let Err(e) = dir.write_new(&tmp, bytes, 0o600, Some((owner.uid, owner.gid))) {
+        let _ = dir.remove_entry(&tmp);
+        return Err(e);
+    }
     failpoint::hit("restore-file-before-rename");
     let how = if replace {
         Rename::Replace
@@ -515,8 +518,13 @@ fn put_dir(
     let tmp = format!("{TMP_PREFIX}restore-{}", std::process::id());
     let nd = pdir.mkdir(&tmp, 0o700)?;
     let ids = Some((owner.uid, owner.gid));
-    for (name, bytes) in files {
-        nd.write_new(name, bytes, 0o600, ids)?;
+    let written = files
+        .iter()
+        .try_for_each(|(name, bytes)| nd.write_new(name, bytes, 0o600, ids));
+    if let Err(e) = written {
+        // Nothing partial stays behind (a full disk is the usual cause).
+        let _ = pdir.remove_entry(&tmp);
+        return Err(e);
     }
     failpoint::hit("restore-dir-half-written");
     nd.chown_chmod(ids, 0o700)?;

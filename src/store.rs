@@ -164,6 +164,27 @@ impl VmStore {
         Ok(())
     }
 
+    /// Write every file, the manifest and SHA256SUMS into `tmp`, fsynced.
+    fn fill(tmp: &Path, files: &[(String, Vec<u8>)], manifest: &Manifest) -> Result<()> {
+        let mut sums = Vec::with_capacity(files.len() + 1);
+        for (i, (fname, bytes)) in files.iter().enumerate() {
+            fsutil::write_new_synced(&tmp.join(fname), bytes, 0o600)?;
+            sums.push((fname.clone(), manifest::sha256_hex(bytes)));
+            if i == 0 {
+                failpoint::hit("store-after-first-file");
+            }
+        }
+        let mjson = manifest.to_json();
+        fsutil::write_new_synced(&tmp.join(manifest::MANIFEST), &mjson, 0o600)?;
+        sums.push((manifest::MANIFEST.to_owned(), manifest::sha256_hex(&mjson)));
+        fsutil::write_new_synced(
+            &tmp.join(manifest::SUMS),
+            &manifest::sums_file(&sums),
+            0o600,
+        )?;
+        fsutil::fsync_dir(tmp)
+    }
+
     /// Write a new generation holding `files` (name, bytes) and `manifest`,
     /// then keep only the newest `keep`. Returns the new generation's name
     /// and the names of the generations removed.
@@ -190,25 +211,15 @@ impl VmStore {
             .mode(0o700)
             .create(&tmp)
             .ctx("create directory", &tmp)?;
-        let mut sums = Vec::with_capacity(files.len() + 1);
-        for (i, (fname, bytes)) in files.iter().enumerate() {
-            fsutil::write_new_synced(&tmp.join(fname), bytes, 0o600)?;
-            sums.push((fname.clone(), manifest::sha256_hex(bytes)));
-            if i == 0 {
-                failpoint::hit("store-after-first-file");
-            }
+        if let Err(e) = Self::fill(&tmp, files, manifest) {
+            // Free the space now (a full disk is the usual cause); a crash
+            // here would leave it to the next run's clean-up instead.
+            let _ = fsutil::remove_tree(&tmp);
+            return Err(e);
         }
-        let mjson = manifest.to_json();
-        fsutil::write_new_synced(&tmp.join(manifest::MANIFEST), &mjson, 0o600)?;
-        sums.push((manifest::MANIFEST.to_owned(), manifest::sha256_hex(&mjson)));
-        fsutil::write_new_synced(
-            &tmp.join(manifest::SUMS),
-            &manifest::sums_file(&sums),
-            0o600,
-        )?;
-        fsutil::fsync_dir(&tmp)?;
         failpoint::hit("store-before-rename");
         if dest.exists() {
+            let _ = fsutil::remove_tree(&tmp);
             return Err(Error::failed(format!("{} already exists", dest.display())));
         }
         std::fs::rename(&tmp, &dest).ctx("rename into place", &dest)?;
