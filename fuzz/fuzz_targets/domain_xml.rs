@@ -1,0 +1,17 @@
+//! The domain XML reader: whatever libvirt (or anyone) puts on stdin, it
+//! returns a domain or an error, never a panic or a hang.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use swtpm_keeper::domain::{valid_uuid, Domain};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(d) = Domain::parse(data) {
+        // What parse promises about what it accepts.
+        assert!(valid_uuid(&d.uuid));
+        assert!(!d.name.is_empty() && !d.name.contains('/'));
+        if let Some(p) = &d.nvram {
+            assert!(p.is_absolute());
+        }
+    }
+});

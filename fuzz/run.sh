@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Fuzz the domain XML reader and the state-format checks with cargo fuzz,
+# seeded with the test fixtures. `fuzz/run.sh [SECONDS]` (default 60 per
+# target); prints executions and time per target. Needs cargo-fuzz
+# (`cargo install cargo-fuzz`); on a stable toolchain RUSTC_BOOTSTRAP=1 lets
+# it pass the sanitizer flags.
+set -euo pipefail
+cd "$(dirname "$0")"
+secs=${1:-60}
+export RUSTC_BOOTSTRAP=1
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+mkdir -p corpus/domain_xml corpus/state_formats artifacts
+cp ../tests/fixtures/libvirt-9.0/*.xml ../tests/fixtures/hostile-xml/*.xml corpus/domain_xml/
+cp ../tests/fixtures/libvirt-9.0/tpm2-00.permall.* corpus/state_formats/
+status=0
+for t in domain_xml state_formats; do
+    log="artifacts/$t.log"
+    if cargo fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 >"$log" 2>&1; then
+        res=ok
+    else
+        res=FAILED
+        status=1
+    fi
+    done_line=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | tail -n 1 || true)
+    echo "fuzz $t: $res, ${done_line:-no summary} (log: fuzz/$log)"
+done
+exit $status
