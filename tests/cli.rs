@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 const A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
@@ -403,21 +403,9 @@ fn restore_refuses_a_running_vm_and_a_live_swtpm() {
 
     // An empty state dir whose .lock a swtpm holds.
     let d = h.put_state(A, &[(".lock", b"")]);
-    let mut holder = Command::new("python3")
-        .args(["-c", "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)"])
-        .arg(d.join(".lock"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let holder = FcntlHolder::hold(&d.join(".lock"));
     let out = h.run(&["restore", "win11"], b"");
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    drop(holder);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("a swtpm (pid"),

@@ -394,19 +394,7 @@ fn a_live_swtpm_lock_prevents_capture() {
         ],
     );
     // Hold a POSIX write lock on .lock from another process, as swtpm does.
-    let mut child = Command::new("python3")
-        .args(["-c", "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)"])
-        .arg(d.join(".lock"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let holder = FcntlHolder::hold(&d.join(".lock"));
     let t = Instant::now();
     let out = h.hook(
         "tpmtrans",
@@ -416,8 +404,7 @@ fn a_live_swtpm_lock_prevents_capture() {
         &fixture("tpm2-transient.stopped.xml"),
     );
     let took = t.elapsed();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(holder);
     assert_eq!(out.status.code(), Some(0));
     assert!(h.generations(UUID_TRANS).is_empty());
     let logs = h.logs();
@@ -583,21 +570,46 @@ fn control_characters_in_names_are_escaped_in_the_log() {
         UUID_TRANS,
         &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
     );
-    let xml = String::from_utf8(fixture("tpm2-transient.stopped.xml"))
-        .unwrap()
-        .replace(
-            "<name>tpmtrans</name>",
-            "<name>evil&#10;Nov 21 fake: root login&#27;[2J</name>",
-        );
-    h.hook("evil", "stopped", "end", "-", xml.as_bytes());
+    let with = |name: &str| {
+        String::from_utf8(fixture("tpm2-transient.stopped.xml"))
+            .unwrap()
+            .replace("<name>tpmtrans</name>", &format!("<name>{name}</name>"))
+    };
+    // A newline is legal in XML: the VM is captured, the line escapes it.
+    h.hook(
+        "evil",
+        "stopped",
+        "end",
+        "-",
+        with("evil&#10;Nov 21 fake: root login&#9;x").as_bytes(),
+    );
     let logs = h.logs();
     assert_eq!(logs.len(), 1);
     assert!(
-        !logs[0].contains('\n') && !logs[0].contains('\x1b'),
+        !logs[0].contains('\n') && !logs[0].contains('\t'),
         "{:?}",
         logs[0]
     );
-    assert!(logs[0].contains("vm=evil\\nNov 21 fake"), "{}", logs[0]);
+    assert!(
+        logs[0].contains("vm=evil\\nNov 21 fake") && logs[0].contains("captured"),
+        "{}",
+        logs[0]
+    );
+    // An escape sequence is not legal XML: refused, and the line is clean.
+    h.hook(
+        "evil",
+        "stopped",
+        "end",
+        "-",
+        with("evil&#27;[2J").as_bytes(),
+    );
+    let logs = h.logs();
+    assert_eq!(logs.len(), 1);
+    assert!(
+        !logs[0].contains('\x1b') && logs[0].contains("unusable <name>"),
+        "{:?}",
+        logs[0]
+    );
 }
 
 #[test]

@@ -276,3 +276,33 @@ pub fn domain_xml(name: &str, uuid: &str, secret: Option<&str>, nvram: Option<&P
         .unwrap_or_default();
     format!("<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid>{os}<devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'>{enc}</backend></tpm></devices></domain>\n")
 }
+
+/// Another process holding a POSIX (fcntl) write lock on `path`, as a
+/// running swtpm holds its `.lock`; released when dropped.
+pub struct FcntlHolder(std::process::Child);
+
+impl FcntlHolder {
+    pub fn hold(path: &Path) -> FcntlHolder {
+        let mut child = Command::new("python3")
+            .args(["-c", "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"])
+            .arg(path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "locked");
+        FcntlHolder(child)
+    }
+}
+
+impl Drop for FcntlHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
