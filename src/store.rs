@@ -169,7 +169,16 @@ impl VmStore {
         let mut sums = Vec::with_capacity(files.len() + 1);
         for (i, (fname, bytes)) in files.iter().enumerate() {
             fsutil::write_new_synced(&tmp.join(fname), bytes, 0o600)?;
-            sums.push((fname.clone(), manifest::sha256_hex(bytes)));
+            // Hashed once, for the manifest; hash here only what it lacks.
+            let sha = manifest
+                .files
+                .iter()
+                .find(|f| &f.name == fname)
+                .map(|f| f.sha256.clone());
+            sums.push((
+                fname.clone(),
+                sha.unwrap_or_else(|| manifest::sha256_hex(bytes)),
+            ));
             if i == 0 {
                 failpoint::hit("store-after-first-file");
             }

@@ -1,12 +1,39 @@
-//! User and group names from the system databases (getpwuid_r & co).
+//! User and group names from the system databases (getpwuid_r & co),
+//! remembered for the run: each lookup may read /etc/passwd or ask nscd,
+//! and a capture names the owner of every file.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::CStr;
+
+thread_local! {
+    static USERS: RefCell<HashMap<u32, Option<String>>> = RefCell::new(HashMap::new());
+    static GROUPS: RefCell<HashMap<u32, Option<String>>> = RefCell::new(HashMap::new());
+}
+
+pub fn user_name(uid: u32) -> Option<String> {
+    USERS.with(|c| {
+        c.borrow_mut()
+            .entry(uid)
+            .or_insert_with(|| lookup_user_name(uid))
+            .clone()
+    })
+}
+
+pub fn group_name(gid: u32) -> Option<String> {
+    GROUPS.with(|c| {
+        c.borrow_mut()
+            .entry(gid)
+            .or_insert_with(|| lookup_group_name(gid))
+            .clone()
+    })
+}
 
 fn buf_len() -> usize {
     16 * 1024
 }
 
-pub fn user_name(uid: u32) -> Option<String> {
+fn lookup_user_name(uid: u32) -> Option<String> {
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; buf_len()];
     let mut out: *mut libc::passwd = std::ptr::null_mut();
@@ -22,7 +49,7 @@ pub fn user_name(uid: u32) -> Option<String> {
     )
 }
 
-pub fn group_name(gid: u32) -> Option<String> {
+fn lookup_group_name(gid: u32) -> Option<String> {
     let mut gr: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; buf_len()];
     let mut out: *mut libc::group = std::ptr::null_mut();
