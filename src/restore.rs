@@ -214,7 +214,11 @@ pub fn newest_good(
             list.join("; ")
         ),
         fix: format!(
-            "inspect them with `swtpm-keeper verify {}`",
+            "inspect them with `swtpm-keeper verify {}` (in {})",
+            vm.dir()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             vm.dir().display()
         ),
     })

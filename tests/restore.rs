@@ -384,6 +384,11 @@ fn no_good_generation_at_all_is_refused() {
     std::fs::write(g.join("nvram.fd"), b"tampered").unwrap();
     lose_everything(&h);
     assert_refused(&h, &h.efi_xml(), "no stored generation passes verification");
+    // The hint names a command that works as written.
+    let out = prepare(&h, &h.efi_xml());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("swtpm-keeper verify {UUID_EFI}`"))
+    );
 }
 
 #[test]

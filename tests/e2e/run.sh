@@ -152,6 +152,35 @@ ek_of_copy() {
 }
 NV_INDEX=0x1500016
 
+# mark_tpm NAME UUID TAG: define and start the VM, stop it, then write a
+# random value into an NV index of its TPM and note the EK ($WORK/TAG.*).
+mark_tpm() {
+    domain_xml "$1" "$2" yes >"$WORK/$1.xml"
+    virsh define "$WORK/$1.xml" >/dev/null && virsh start "$1" >/dev/null || die "cannot start $1"
+    wait_for 20 test -s "$SWTPM/$2/tpm2/tpm2-00.permall" || die "$1: no TPM state"
+    virsh destroy "$1" >/dev/null
+    tpm_open "$SWTPM/$2/tpm2" || die "cannot open $1's TPM with a standalone swtpm"
+    head -c 32 /dev/urandom >"$WORK/$3.nv.in"
+    tpm2_nvdefine -T "$TCTI" $NV_INDEX -C o -s 32 -a "ownerread|ownerwrite" >/dev/null &&
+        tpm2_nvwrite -T "$TCTI" $NV_INDEX -C o -i "$WORK/$3.nv.in" || die "cannot write $1's NV index"
+    ek_pub "$WORK/$3.ek.before" || die "cannot read $1's EK"
+    tpm_close
+}
+
+# check_tpm_kept UUID TAG: the TPM in libvirt's path has the NV value and EK
+# that mark_tpm noted.
+check_tpm_kept() {
+    if tpm_open "$SWTPM/$1/tpm2"; then
+        tpm2_nvread -T "$TCTI" $NV_INDEX -C o -s 32 -o "$WORK/$2.nv.out" >/dev/null 2>&1
+        ek_pub "$WORK/$2.ek.after"
+        tpm_close
+        check "$2: the NV index holds the same random value" same_file "$WORK/$2.nv.in" "$WORK/$2.nv.out"
+        check "$2: the endorsement key is unchanged" same_file "$WORK/$2.ek.before" "$WORK/$2.ek.after"
+    else
+        nok "$2: cannot open the restored TPM"
+    fi
+}
+
 wait_for() { # seconds command...
     local n=$(($1 * 10)); shift
     while [ $n -gt 0 ]; do "$@" && return 0; sleep 0.1; n=$((n - 1)); done
@@ -223,16 +252,7 @@ check "no TPM: nothing in syslog" sh -c "! grep -qF 'uuid=$U' /var/log/syslog"
 # --- 4. a TPM's contents survive undefine: NV index and EK, looked at inside ---
 N=swk-e2e-nv U=5ee2e000-0000-4000-8000-000000000011
 VMS+=("$N")
-domain_xml $N $U yes >"$WORK/$N.xml"
-virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N"
-wait_for 20 test -s $SWTPM/$U/tpm2/tpm2-00.permall || die "$N: no TPM state"
-virsh destroy $N >/dev/null
-tpm_open $SWTPM/$U/tpm2 || die "cannot open $N's TPM with a standalone swtpm"
-head -c 32 /dev/urandom >"$WORK/nv.in"
-tpm2_nvdefine -T "$TCTI" $NV_INDEX -C o -s 32 -a "ownerread|ownerwrite" >/dev/null &&
-    tpm2_nvwrite -T "$TCTI" $NV_INDEX -C o -i "$WORK/nv.in" || die "cannot write NV index"
-ek_pub "$WORK/ek.before" || die "cannot read the EK"
-tpm_close
+mark_tpm $N $U nv
 virsh start $N >/dev/null && virsh destroy $N >/dev/null   # a stop captures the TPM with its NV index
 virsh undefine --nvram $N >/dev/null
 check "nv: undefine deleted the TPM holding the NV index" test ! -e $SWTPM/$U
@@ -242,15 +262,7 @@ check "nv: the start after define succeeds" quiet virsh start $N
 check "nv: syslog says what was restored, from which generation" \
     wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "restored TPM 2.0 state from generation $(basename "$G")"
 virsh destroy $N >/dev/null
-if tpm_open $SWTPM/$U/tpm2; then
-    tpm2_nvread -T "$TCTI" $NV_INDEX -C o -s 32 -o "$WORK/nv.out" >/dev/null 2>&1
-    ek_pub "$WORK/ek.after"
-    tpm_close
-    check "nv: the NV index holds the same random value" same_file "$WORK/nv.in" "$WORK/nv.out"
-    check "nv: the endorsement key is unchanged" same_file "$WORK/ek.before" "$WORK/ek.after"
-else
-    nok "nv: cannot open the restored TPM"
-fi
+check_tpm_kept $U nv
 
 # --- 5. an existing state is never touched ---
 PERM=$SWTPM/$U/tpm2/tpm2-00.permall
@@ -356,15 +368,7 @@ virsh secret-undefine $S2 >/dev/null
 # --- 10. the operator brings back an undefined VM with the CLI ---
 N=swk-e2e-cli U=5ee2e000-0000-4000-8000-000000000015
 VMS+=("$N")
-domain_xml $N $U yes >"$WORK/$N.xml"
-virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N"
-wait_for 20 test -s $SWTPM/$U/tpm2/tpm2-00.permall || die "$N: no TPM state"
-virsh destroy $N >/dev/null
-tpm_open $SWTPM/$U/tpm2 || die "cannot open $N's TPM"
-head -c 32 /dev/urandom >"$WORK/cli-nv.in"
-tpm2_nvdefine -T "$TCTI" $NV_INDEX -C o -s 32 -a "ownerread|ownerwrite" >/dev/null &&
-    tpm2_nvwrite -T "$TCTI" $NV_INDEX -C o -i "$WORK/cli-nv.in" && ek_pub "$WORK/cli-ek.before" || die "cannot write $N's TPM"
-tpm_close
+mark_tpm $N $U cli
 virsh start $N >/dev/null && virsh destroy $N >/dev/null
 check "cli: list shows the VM as defined" sh -c "'$KEEPER' list | grep '^$N ' | grep -q defined"
 check "cli: verify finds the whole store sound" quiet "$KEEPER" verify
@@ -378,15 +382,7 @@ check "cli: the state is in libvirt's path, owned by tss" sh -c "[ \"\$(stat -c 
 check "cli: a second restore refuses to replace it" sh -c "! '$KEEPER' restore $N >/dev/null 2>&1"
 check "cli: the VM boots with its TPM" quiet virsh start $N
 virsh destroy $N >/dev/null
-if tpm_open $SWTPM/$U/tpm2; then
-    tpm2_nvread -T "$TCTI" $NV_INDEX -C o -s 32 -o "$WORK/cli-nv.out" >/dev/null 2>&1
-    ek_pub "$WORK/cli-ek.after"
-    tpm_close
-    check "cli: the NV index holds the same random value" same_file "$WORK/cli-nv.in" "$WORK/cli-nv.out"
-    check "cli: the endorsement key is unchanged" same_file "$WORK/cli-ek.before" "$WORK/cli-ek.after"
-else
-    nok "cli: cannot open the restored TPM"
-fi
+check_tpm_kept $U cli
 virsh undefine $N >/dev/null
 
 # --- 11. libvirt >= 10.5: release passes the shutoff reason ---
