@@ -180,7 +180,7 @@ pub struct FileData {
     pub gid: u32,
 }
 
-/// Read an open file that must be a regular file with one link, at most
+/// Read an open file that must be a regular file with at most one link, at most
 /// `max` bytes, and unchanged in size while we read it.
 pub fn read_regular(file: &mut File, path: &Path, max: u64) -> Result<FileData> {
     let st = fstat(file).ctx("stat", path)?;
@@ -191,7 +191,10 @@ pub fn read_regular(file: &mut File, path: &Path, max: u64) -> Result<FileData> 
             st.st_mode & libc::S_IFMT
         )));
     }
-    if st.st_nlink != 1 {
+    // More than one link: perhaps a link to some other file, planted.
+    // None: the file was renamed over since we opened it (as swtpm does);
+    // what we hold is a complete earlier version, and names nothing else.
+    if st.st_nlink > 1 {
         return Err(Error::failed(format!(
             "refusing {}: it has {} hard links (a link to another file may have been planted)",
             path.display(),
@@ -557,5 +560,29 @@ impl Dir {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_renamed_over_while_open_is_read_whole_but_a_hard_link_is_refused() {
+        let d = std::env::temp_dir().join(format!("swk-fsutil-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("tpm2-00.permall");
+        std::fs::write(&p, b"old state").unwrap();
+        let mut f = File::open(&p).unwrap();
+        std::fs::write(d.join("TMP2-00.permall"), b"new state").unwrap();
+        std::fs::rename(d.join("TMP2-00.permall"), &p).unwrap();
+        assert_eq!(read_regular(&mut f, &p, 1024).unwrap().bytes, b"old state");
+
+        std::fs::hard_link(&p, d.join("second-name")).unwrap();
+        let err = read_regular(&mut File::open(&p).unwrap(), &p, 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2 hard links"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
