@@ -14,7 +14,7 @@ die() { echo "package: FATAL: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root"
 for p in debhelper dpkg-dev lintian fakeroot; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || NEED="${NEED:-} $p"
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = 'install ok installed' ] || NEED="${NEED:-} $p"
 done
 if [ -n "${NEED:-}" ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $NEED >/dev/null || die "cannot install$NEED"

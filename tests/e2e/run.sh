@@ -189,7 +189,13 @@ wait_for() { # seconds command...
 
 newest_gen() { ls -d "$STORE/$1"/0* 2>/dev/null | tail -n 1; }
 gen_count() { ls -d "$STORE/$1"/0* 2>/dev/null | wc -l; }
-syslog_has() { grep -qF -- "$1" /var/log/syslog 2>/dev/null && grep -F -- "$1" /var/log/syslog | grep -qF -- "$2"; }
+# Counts rather than grep -q: under pipefail an early exit of the last
+# grep would SIGPIPE the first one and fail the check on a match.
+syslog_has() {
+    local n
+    n=$(grep -F -- "$1" /var/log/syslog 2>/dev/null | grep -cF -- "$2")
+    [ "${n:-0}" -gt 0 ]
+}
 
 LIBVIRT=$(virsh version --daemon 2>/dev/null | sed -n "s/^Running against daemon: //p")
 # version_ge A B: A >= B
