@@ -61,10 +61,8 @@ fn read_state(
 ) -> Result<Option<(Vec<Captured>, u16)>> {
     match loc {
         StateLocation::File(path) => {
-            let mut f = match fsutil::open_no_untrusted_links(path, false) {
-                Ok(f) => f,
-                Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => return Ok(None),
-                Err(e) => return Err(e),
+            let Some(mut f) = fsutil::open_if_exists(path, false)? else {
+                return Ok(None);
             };
             let data = fsutil::read_regular(&mut f, path, max)?;
             swtpm::check_linear(&data.bytes)
@@ -78,10 +76,8 @@ fn read_state(
             Ok(Some((vec![c], 0)))
         }
         StateLocation::Dir(dir_path) => {
-            let dir = match fsutil::open_no_untrusted_links(dir_path, true) {
-                Ok(d) => d,
-                Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => return Ok(None),
-                Err(e) => return Err(e),
+            let Some(dir) = fsutil::open_if_exists(dir_path, true)? else {
+                return Ok(None);
             };
             wait_for_swtpm_exit(&dir, dir_path)?;
             let mut names: Vec<_> = fsutil::list_dir(&dir, dir_path)?
@@ -145,10 +141,8 @@ fn wait_for_swtpm_exit(dir: &std::fs::File, dir_path: &Path) -> Result<()> {
 }
 
 fn read_nvram(path: &Path, max: u64) -> Result<Option<FileData>> {
-    let mut f = match fsutil::open_no_untrusted_links(path, false) {
-        Ok(f) => f,
-        Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => return Ok(None),
-        Err(e) => return Err(e),
+    let Some(mut f) = fsutil::open_if_exists(path, false)? else {
+        return Ok(None);
     };
     let d = fsutil::read_regular(&mut f, path, max)?;
     if d.bytes.is_empty() {

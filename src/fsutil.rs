@@ -159,6 +159,15 @@ fn push_components(todo: &mut VecDeque<OsString>, p: &Path) {
     }
 }
 
+/// `open_no_untrusted_links`, with a missing path as `None`.
+pub fn open_if_exists(path: &Path, want_dir: bool) -> Result<Option<File>> {
+    match open_no_untrusted_links(path, want_dir) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.io_kind() == Some(io::ErrorKind::NotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Open `name` inside an already opened directory, never following a symlink.
 pub fn open_in_dir(dir: &File, name: &OsStr) -> io::Result<File> {
     let owned = dir.try_clone()?;
@@ -345,6 +354,14 @@ impl Dir {
             fd: OwnedFd::from(f),
             path: path.to_owned(),
         })
+    }
+
+    /// `open`, with a missing directory as `None`.
+    pub fn open_if_exists(path: &Path) -> Result<Option<Dir>> {
+        Ok(open_if_exists(path, true)?.map(|f| Dir {
+            fd: OwnedFd::from(f),
+            path: path.to_owned(),
+        }))
     }
 
     pub fn path(&self) -> &Path {

@@ -380,10 +380,8 @@ fn remove_leftovers(loc: &StateLocation) -> Result<()> {
             (p, format!(".{leaf}{TMP_PREFIX}"))
         }
     };
-    let dir = match Dir::open(parent) {
-        Ok(d) => d,
-        Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => return Ok(()),
-        Err(e) => return Err(e),
+    let Some(dir) = Dir::open_if_exists(parent)? else {
+        return Ok(());
     };
     if !dir.is_trusted()? && matches!(loc, StateLocation::Dir(_)) {
         return Ok(());
@@ -419,18 +417,15 @@ fn split(path: &Path) -> Result<(&Path, &str)> {
 /// Open `path`'s directory, creating the last missing level as libvirt
 /// would (`mode`, owned by `owner`).
 fn open_or_create_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<Dir> {
-    match Dir::open(path) {
-        Ok(d) => Ok(d),
-        Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
-            let (parent, name) = split(path)?;
-            let p = Dir::open(parent)?;
-            let d = p.mkdir(name, mode)?;
-            d.chown_chmod(owner, mode)?;
-            p.sync()?;
-            Ok(d)
-        }
-        Err(e) => Err(e),
+    if let Some(d) = Dir::open_if_exists(path)? {
+        return Ok(d);
     }
+    let (parent, name) = split(path)?;
+    let p = Dir::open(parent)?;
+    let d = p.mkdir(name, mode)?;
+    d.chown_chmod(owner, mode)?;
+    p.sync()?;
+    Ok(d)
 }
 
 /// Create `path` with `bytes` unless something exists there. Written to a
