@@ -152,13 +152,23 @@ ek_of_copy() {
 }
 NV_INDEX=0x1500016
 
+# run_once define|create NAME STATEFILE: start the VM of $WORK/NAME.xml,
+# wait until swtpm has written its state, stop it.
+run_once() {
+    if [ "$1" = define ]; then
+        virsh define "$WORK/$2.xml" >/dev/null && virsh start "$2" >/dev/null || die "cannot start $2"
+    else
+        virsh create "$WORK/$2.xml" >/dev/null || die "virsh create $2 failed"
+    fi
+    wait_for 20 test -s "$3" || die "$2: no TPM state at $3"
+    virsh destroy "$2" >/dev/null
+}
+
 # mark_tpm NAME UUID TAG: define and start the VM, stop it, then write a
 # random value into an NV index of its TPM and note the EK ($WORK/TAG.*).
 mark_tpm() {
     domain_xml "$1" "$2" yes >"$WORK/$1.xml"
-    virsh define "$WORK/$1.xml" >/dev/null && virsh start "$1" >/dev/null || die "cannot start $1"
-    wait_for 20 test -s "$SWTPM/$2/tpm2/tpm2-00.permall" || die "$1: no TPM state"
-    virsh destroy "$1" >/dev/null
+    run_once define "$1" "$SWTPM/$2/tpm2/tpm2-00.permall"
     tpm_open "$SWTPM/$2/tpm2" || die "cannot open $1's TPM with a standalone swtpm"
     head -c 32 /dev/urandom >"$WORK/$3.nv.in"
     tpm2_nvdefine -T "$TCTI" $NV_INDEX -C o -s 32 -a "ownerread|ownerwrite" >/dev/null &&
@@ -309,9 +319,7 @@ virsh undefine --nvram $N >/dev/null
 N=swk-e2e-again U=5ee2e000-0000-4000-8000-000000000013
 VMS+=("$N")
 domain_xml $N $U yes >"$WORK/$N.xml"
-virsh create "$WORK/$N.xml" >/dev/null || die "virsh create $N failed"
-wait_for 20 test -s $SWTPM/$U/tpm2/tpm2-00.permall
-virsh destroy $N >/dev/null
+run_once create $N $SWTPM/$U/tpm2/tpm2-00.permall
 G1=$(newest_gen $U)
 virsh create "$WORK/$N.xml" >/dev/null || die "second virsh create $N failed"
 virsh destroy $N >/dev/null
@@ -340,9 +348,7 @@ secret() {
 virsh secret-undefine $S1 >/dev/null 2>&1; virsh secret-undefine $S2 >/dev/null 2>&1
 secret $S1 || die "cannot define a vtpm secret"
 domain_xml $N $U $S1 >"$WORK/$N.xml"
-virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N with an encrypted TPM"
-wait_for 20 test -s $SWTPM/$U/tpm2/tpm2-00.permall
-virsh destroy $N >/dev/null
+run_once define $N $SWTPM/$U/tpm2/tpm2-00.permall
 cp $SWTPM/$U/tpm2/tpm2-00.permall "$WORK/enc.permall"
 virsh undefine $N >/dev/null
 G=$(newest_gen $U)
@@ -417,9 +423,7 @@ XML
     VMS+=("$N")
     rm -rf $D && install -d -m 0755 $D
     src_xml $N $U dir "$D/$U" >"$WORK/$N.xml"
-    virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N"
-    wait_for 20 test -s "$D/$U/tpm2-00.permall" || die "$N: no state in $D/$U"
-    virsh destroy $N >/dev/null
+    run_once define $N "$D/$U/tpm2-00.permall"
     cp "$D/$U/tpm2-00.permall" "$WORK/srcdir.permall"
     virsh undefine $N >/dev/null
     G=$(newest_gen $U)
@@ -444,9 +448,7 @@ XML
     # swtpm_setup replaces the file, so its directory must be swtpm's.
     rm -rf $F && install -d -o tss -g tss -m 0700 $F
     src_xml $N $U file "$F/$U.state" >"$WORK/$N.xml"
-    virsh define "$WORK/$N.xml" >/dev/null && virsh start $N >/dev/null || die "cannot start $N (file-backed TPM)"
-    wait_for 20 test -s "$F/$U.state" || die "$N: no state in $F/$U.state"
-    virsh destroy $N >/dev/null
+    run_once define $N "$F/$U.state"
     cp "$F/$U.state" "$WORK/srcfile.state"
     virsh undefine $N >/dev/null
     G=$(newest_gen $U)
