@@ -446,19 +446,17 @@ fn a_held_store_lock_makes_the_hook_give_up_at_the_deadline() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(10),
         "{took:?}"
     );
-    // Another VM never waits on this one's lock.
+    // Another VM never waits on this one's lock: with it still held, a
+    // wait would end in "gave up" and no generation (no clock needed).
     h.put_state(
         UUID_EFI,
         &[("tpm2-00.permall", &fixture("tpm2-00.permall.encrypted"))],
     );
-    let t = Instant::now();
     h.hook("efitest", "stopped", "end", "-", &h.efi_xml());
-    assert!(
-        t.elapsed() < Duration::from_millis(900),
-        "{:?}",
-        t.elapsed()
-    );
     assert_eq!(h.generations(UUID_EFI).len(), 1);
+    let logs = h.logs();
+    assert!(!logs.iter().any(|l| l.contains("gave up")), "{logs:?}");
+    assert!(logs.iter().any(|l| l.contains("captured")), "{logs:?}");
     drop(f);
 }
 

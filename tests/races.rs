@@ -23,6 +23,22 @@ fn spawn(h: &Host, args: &[&str], stdin: &[u8]) -> Child {
     c
 }
 
+/// Replaces the state as swtpm does (temp file, rename). The `restore
+/// --force` running meanwhile swaps the whole directory out and deletes the
+/// old one, so our temp file can vanish before the rename: write it again.
+fn replace_state(d: &std::path::Path, bytes: &[u8]) {
+    let (tmp, live) = (d.join("TMP2-00.permall"), d.join("tpm2-00.permall"));
+    for _ in 0..1000 {
+        let r = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &live));
+        match r {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("replacing {}: {e}", live.display()),
+        }
+    }
+    panic!("{} kept vanishing", tmp.display());
+}
+
 #[test]
 fn thirty_two_hook_runs_and_a_restore_and_prune_on_one_vm_are_serialized() {
     let h = Host::with_config("race32", "lock_timeout = 30.0\ngenerations = 50\n");
@@ -38,8 +54,7 @@ fn thirty_two_hook_runs_and_a_restore_and_prune_on_one_vm_are_serialized() {
         // The state changes between runs, as swtpm would replace it.
         let mut b = base.clone();
         b[100] = i;
-        std::fs::write(d.join("TMP2-00.permall"), &b).unwrap();
-        std::fs::rename(d.join("TMP2-00.permall"), d.join("tpm2-00.permall")).unwrap();
+        replace_state(&d, &b);
         let op = if i % 2 == 0 { "stopped" } else { "release" };
         children.push((
             "hook",
