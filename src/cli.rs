@@ -1,6 +1,8 @@
 //! The command line: `swtpm-keeper <command> [options]`. Hand-rolled (no
 //! argument-parsing dependency): a few commands with a few flags each.
 
+use std::path::PathBuf;
+
 use crate::error::{Error, Result};
 use crate::hook::HookArgs;
 
@@ -8,7 +10,7 @@ pub const USAGE: &str = "\
 swtpm-keeper - keep every libvirt VM's vTPM (swtpm) state and UEFI NVRAM
 
 USAGE:
-    swtpm-keeper <command> [options]
+    swtpm-keeper [--config FILE] <command> [options]
 
 COMMANDS:
     list                  every VM in the store: generations, newest capture, size, flags
@@ -28,7 +30,8 @@ libvirt older than 6.5). It captures every VM's TPM state at each stop,
 and puts a lost state back at the next start. See swtpm-keeper(8).
 
 Configuration: /etc/swtpm-keeper/swtpm-keeper.conf, or the file named by
-SWTPM_KEEPER_CONFIG; see swtpm-keeper.conf(5).
+--config FILE (before or after the command) or SWTPM_KEEPER_CONFIG; see
+swtpm-keeper.conf(5).
 
 EXIT STATUS: 0 fine; 1 a problem found, or refused; 2 usage or
 configuration error. As a hook, stop events always exit 0.
@@ -150,6 +153,50 @@ pub enum Command {
         dry_run: bool,
     },
     Check,
+}
+
+/// A command line: the command, and the configuration file `--config` named.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invocation {
+    pub config: Option<PathBuf>,
+    pub command: Command,
+}
+
+/// Take `--config FILE` (or `--config=FILE`, `-c FILE`) out of `args`, then
+/// parse the rest. It goes before the command, or anywhere after it but for
+/// `hook`, whose arguments are libvirt's and taken as they come.
+pub fn parse_invocation(args: &[String]) -> Result<Invocation> {
+    let mut config = None;
+    let mut rest = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let in_hook_args = rest.first().is_some_and(|c: &String| c == "hook");
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        if in_hook_args || !matches!(name, "--config" | "-c") {
+            rest.push(arg.clone());
+            continue;
+        }
+        let v = match inline {
+            Some(v) => v,
+            None => it
+                .next()
+                .cloned()
+                .ok_or_else(|| Error::usage("--config needs a file (try --help)"))?,
+        };
+        if v.is_empty() {
+            return Err(Error::usage("--config needs a file (try --help)"));
+        }
+        if config.replace(PathBuf::from(v)).is_some() {
+            return Err(Error::usage("--config given twice (try --help)"));
+        }
+    }
+    Ok(Invocation {
+        config,
+        command: parse(&rest)?,
+    })
 }
 
 fn usage(cmd: &str, msg: impl std::fmt::Display) -> Error {
@@ -399,6 +446,63 @@ mod tests {
         match p(&["hook", "vm", "stopped", "end", "-"]).unwrap() {
             Command::Hook(h) => assert_eq!((h.name.as_str(), h.op.as_str()), ("vm", "stopped")),
             c => panic!("{c:?}"),
+        }
+    }
+
+    fn inv(v: &[&str]) -> Result<Invocation> {
+        parse_invocation(&v.iter().map(|x| x.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn config_is_taken_before_or_after_the_command_but_not_from_hook_args() {
+        let want = |cmd| Invocation {
+            config: Some(PathBuf::from("/etc/alt.conf")),
+            command: cmd,
+        };
+        let list = || Command::List { json: true };
+        assert_eq!(
+            inv(&["--config", "/etc/alt.conf", "list", "--json"]).unwrap(),
+            want(list())
+        );
+        assert_eq!(
+            inv(&["list", "--config=/etc/alt.conf", "--json"]).unwrap(),
+            want(list())
+        );
+        assert_eq!(
+            inv(&["-c", "/etc/alt.conf", "list", "--json"]).unwrap(),
+            want(list())
+        );
+        assert_eq!(
+            inv(&["list", "--json"]).unwrap(),
+            Invocation {
+                config: None,
+                command: list()
+            }
+        );
+        // Before `hook` it is ours; after, libvirt's arguments are left alone.
+        let hook = inv(&[
+            "--config",
+            "/etc/alt.conf",
+            "hook",
+            "vm",
+            "stopped",
+            "end",
+            "-",
+        ]);
+        assert_eq!(hook.unwrap().config, Some(PathBuf::from("/etc/alt.conf")));
+        let hook = inv(&["hook", "-c", "x", "stopped"]).unwrap();
+        assert_eq!(hook.config, None);
+        match hook.command {
+            Command::Hook(h) => assert_eq!(h.name, "-c"),
+            c => panic!("{c:?}"),
+        }
+        for bad in [
+            &["--config"][..],
+            &["list", "--config"],
+            &["--config=", "list"],
+            &["-c", "a", "list", "-c", "b"],
+        ] {
+            assert_eq!(inv(bad).unwrap_err().kind, Kind::Usage, "{bad:?}");
         }
     }
 

@@ -1,9 +1,10 @@
 //! `/etc/swtpm-keeper/swtpm-keeper.conf` (TOML). Every system path the
 //! program touches is a key here, so tests run against a fixture tree.
-//! `SWTPM_KEEPER_CONFIG` names another file (libvirt does not pass the
-//! environment to hooks, so this is for tests and the CLI).
+//! `swtpm-keeper --config FILE` or `SWTPM_KEEPER_CONFIG` names another file
+//! (libvirt passes neither to hooks, so this is for tests and the CLI).
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -99,12 +100,37 @@ impl Default for Config {
     }
 }
 
-/// The file to read: `$SWTPM_KEEPER_CONFIG` or the default.
-pub fn path_from_env() -> PathBuf {
+/// The file named by `--config`, set once by `main`.
+static NAMED: OnceLock<PathBuf> = OnceLock::new();
+
+/// Use `path` for this run (`--config`); it wins over the environment.
+pub fn set_path(path: PathBuf) {
+    let _ = NAMED.set(path);
+}
+
+/// The file to read: `--config`, else `$SWTPM_KEEPER_CONFIG`, else the default.
+pub fn path() -> PathBuf {
+    if let Some(p) = NAMED.get() {
+        return p.clone();
+    }
     match std::env::var_os(ENV_VAR) {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => PathBuf::from(DEFAULT_PATH),
     }
+}
+
+/// Load the file `path()` names. A missing default file means the defaults,
+/// but a file named with `--config` must exist: a typo there would
+/// otherwise act on the default store unnoticed.
+pub fn load_current() -> Result<Config> {
+    let p = path();
+    if NAMED.get().is_some() && std::fs::symlink_metadata(&p).is_err() {
+        return Err(Error::usage(format!(
+            "configuration {} (named by --config) does not exist",
+            p.display()
+        )));
+    }
+    Config::load(&p)
 }
 
 impl Config {

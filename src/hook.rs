@@ -119,8 +119,7 @@ fn read_input(stdin: &mut dyn Read) -> Result<Vec<u8>, String> {
 /// Load the configuration and point logging at it. Only called once there
 /// is work (or an error worth logging).
 fn load_config() -> Result<Config, String> {
-    let path = config::path_from_env();
-    let cfg = Config::load(&path).map_err(|e| e.to_string())?;
+    let cfg = config::load_current().map_err(|e| e.to_string())?;
     logging::configure(cfg.syslog_socket.clone(), cfg.log_level.filter());
     Ok(cfg)
 }
@@ -319,7 +318,7 @@ impl<'a> Job<'a> {
                         logging::sanitize(&self.domain.name),
                         r.why,
                         r.fix,
-                        config::path_from_env().display()
+                        config::path().display()
                     );
                     return 1;
                 }

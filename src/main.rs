@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use swtpm_keeper::cli::{self, Command};
 use swtpm_keeper::error::{Kind, Result};
-use swtpm_keeper::{commands, hook, logging};
+use swtpm_keeper::{commands, config, hook, logging};
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os();
@@ -17,7 +17,12 @@ fn main() -> ExitCode {
     let cmd = if hook::invoked_as_hook(Path::new(&argv0)) {
         Ok(Command::Hook(hook::HookArgs::from_args(&args)))
     } else {
-        cli::parse(&args)
+        cli::parse_invocation(&args).map(|inv| {
+            if let Some(p) = inv.config {
+                config::set_path(p);
+            }
+            inv.command
+        })
     };
     // The hook logs to syslog only; the CLI also shows warnings on stderr.
     logging::init(!matches!(cmd, Ok(Command::Hook(_))));

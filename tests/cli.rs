@@ -622,3 +622,37 @@ fn every_command_answers_help_and_bad_usage_exits_2() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("`generations`"));
 }
+
+#[test]
+fn config_flag_names_the_file_and_wins_over_the_environment() {
+    let full = fixture_store("cfgfull");
+    let empty = Host::new("cfgempty");
+    let conf = full.conf.to_str().unwrap();
+    // The environment names the empty store; --config, before or after the
+    // command, names the full one and wins.
+    for args in [&["--config", conf, "list"][..], &["list", "--config", conf]] {
+        let out = empty.run(args, b"");
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("win11"),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let out = empty.run(&["check", "--config", conf], b"");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("configuration {conf} is valid")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A named file that does not exist is an error, not the defaults.
+    let missing = empty.root.join("no-such.conf");
+    let out = empty.run(&["--config", missing.to_str().unwrap(), "list"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-such.conf") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}

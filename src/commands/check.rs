@@ -81,8 +81,8 @@ fn installed_hooks(hooks_dir: &Path, exe: &Path) -> Vec<PathBuf> {
 
 pub fn run(out: &mut dyn Write) -> Result<i32> {
     let mut r = Report { out, fixes: 0 };
-    let path = config::path_from_env();
-    let cfg = match Config::load(&path) {
+    let path = config::path();
+    let cfg = match config::load_current() {
         Ok(c) => {
             let state = if path.exists() {
                 "is valid"

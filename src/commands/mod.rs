@@ -14,7 +14,7 @@ use crate::logging;
 /// Load the configuration for a command (an invalid file is a usage error,
 /// exit 2) and point logging at its syslog socket.
 pub fn load_config() -> Result<Config> {
-    let cfg = Config::load(&config::path_from_env())?;
+    let cfg = config::load_current()?;
     logging::configure(cfg.syslog_socket.clone(), cfg.log_level.filter());
     Ok(cfg)
 }
