@@ -170,7 +170,16 @@ fn a_session_libvirts_hook_run_never_fails_the_vm_and_touches_no_system_path() {
     let h = Host::new("session");
     // A copy anyone can run, as a session daemon's user would.
     let exe = h.root.join("swtpm-keeper");
-    std::fs::copy(bin(), &exe).unwrap();
+    // Copied by a child process: a write fd held here would leak into any
+    // process another test thread forks meanwhile, and exec would then
+    // fail with "Text file busy".
+    let cp = Command::new("install")
+        .args(["-m", "0755"])
+        .arg(bin())
+        .arg(&exe)
+        .status()
+        .unwrap();
+    assert!(cp.success());
     let store = Path::new("/var/lib/swtpm-keeper");
     let before = std::fs::symlink_metadata(store).ok().map(|m| {
         (
