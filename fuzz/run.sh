@@ -15,7 +15,10 @@ cp ../tests/fixtures/libvirt-9.0/tpm2-00.permall.* corpus/state_formats/
 status=0
 for t in domain_xml state_formats; do
     log="artifacts/$t.log"
-    if cargo fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 >"$log" 2>&1; then
+    # fuzz/Cargo.lock (committed) pins what the fuzzers build with, as the
+    # top-level lock does for the program. A fixed seed makes a failure
+    # replayable with the same command.
+    if cargo fuzz run "$t" "corpus/$t" -- -seed=1 -max_total_time="$secs" -rss_limit_mb=2048 >"$log" 2>&1; then
         res=ok
     else
         res=FAILED
@@ -23,5 +26,7 @@ for t in domain_xml state_formats; do
     fi
     done_line=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | tail -n 1 || true)
     echo "fuzz $t: $res, ${done_line:-no summary} (log: fuzz/$log)"
+    # The log stays in the CI's clone: show the crash and its input here.
+    [ "$res" = ok ] || tail -n 40 "$log" | sed 's/^/    /'
 done
 exit $status

@@ -5,15 +5,23 @@
 set -euo pipefail
 want=${1:?usage: libvirt-version.sh 9|11}
 BPO=/etc/apt/sources.list.d/swtpm-keeper-bookworm-backports.sources
+APT="$(dirname "$0")/apt.sh"
 
 current() { dpkg-query -W -f='${Version}' libvirt-daemon 2>/dev/null | cut -d. -f1; }
 restart() {
     for d in libvirtd virtqemud virtlogd; do pkill -x "$d" 2>/dev/null || true; done
-    for _ in $(seq 1 50); do pidof libvirtd virtlogd >/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 50); do pidof libvirtd virtqemud virtlogd >/dev/null || break; sleep 0.1; done
+    # An old daemon still answering would pass for the new one.
+    for d in libvirtd virtqemud virtlogd; do pkill -9 -x "$d" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do pidof libvirtd virtqemud virtlogd >/dev/null || break; sleep 0.1; done
     virtlogd -d
     libvirtd -d
-    for _ in $(seq 1 60); do virsh -q -c qemu:///system version >/dev/null 2>&1 && return 0; sleep 0.5; done
-    echo "libvirt-version: libvirtd does not answer after the switch" >&2
+    for _ in $(seq 1 60); do
+        running=$(virsh -q -c qemu:///system version --daemon 2>/dev/null | sed -n 's/^Running against daemon: \([0-9]*\)\..*/\1/p')
+        [ "$running" = "$want" ] && return 0
+        sleep 0.5
+    done
+    echo "libvirt-version: libvirtd $want does not answer after the switch (got: ${running:-nothing})" >&2
     return 1
 }
 libvirt_pkgs() { # installed binary packages built from libvirt
@@ -30,25 +38,26 @@ case "$want" in
         if [ ! -e "$BPO" ]; then
             printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' >"$BPO"
         fi
-        apt-get update -qq
+        "$APT" update
         # shellcheck disable=SC2046
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports $(libvirt_pkgs) >/dev/null
+        "$APT" install -t bookworm-backports $(libvirt_pkgs)
         ;;
     9)
         bookworm_version() { apt-cache madison "$1" | grep -v backports | awk -F'|' 'NR==1 {gsub(/ /, "", $2); print $2}'; }
-        [ -n "$(bookworm_version libvirt-daemon)" ] || apt-get update -qq
+        "$APT" update
         v=$(bookworm_version libvirt-daemon)
+        [ -n "$v" ] || { echo "libvirt-version: no bookworm libvirt-daemon in the package lists" >&2; exit 1; }
         # 11.x split libvirt into packages 9.0 does not have: remove those
         # in the same transaction as the downgrade of the others.
         args=()
         for p in $(libvirt_pkgs); do
             if [ "$(bookworm_version "$p")" = "$v" ]; then args+=("$p=$v"); else args+=("$p-"); fi
         done
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades "${args[@]}" >/dev/null
+        "$APT" install --allow-downgrades "${args[@]}"
         # Files that moved between packages in 11.x (cpu_map, ...) went
         # with the removed ones: reinstall 9.0 to put every file back.
         # shellcheck disable=SC2046
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall $(libvirt_pkgs) >/dev/null
+        "$APT" install --reinstall $(libvirt_pkgs)
         ;;
     *) echo "usage: libvirt-version.sh 9|11" >&2; exit 2 ;;
 esac

@@ -11,13 +11,20 @@ ok() { PASS=$((PASS + 1)); echo "ok   - $*"; }
 nok() { FAIL=$((FAIL + 1)); echo "FAIL - $*"; }
 check() { local what=$1; shift; if "$@"; then ok "$what"; else nok "$what"; fi; }
 die() { echo "package: FATAL: $*" >&2; exit 1; }
+# logged command...: quiet when it works, its output shown when it fails.
+logged() {
+    "$@" >"$TOP/build/cmd.log" 2>&1 && return 0
+    local rc=$?
+    sed 's/^/#   /' "$TOP/build/cmd.log"
+    return $rc
+}
 
 [ "$(id -u)" = 0 ] || die "run as root"
 for p in debhelper dpkg-dev lintian fakeroot; do
     [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = 'install ok installed' ] || NEED="${NEED:-} $p"
 done
 if [ -n "${NEED:-}" ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $NEED >/dev/null || die "cannot install$NEED"
+    { "$HERE/apt.sh" update && "$HERE/apt.sh" install --no-install-recommends $NEED; } || die "cannot install$NEED"
 fi
 
 make -s -C "$TOP" deb >"$TOP/build/deb.log" 2>&1 || { tail -20 "$TOP/build/deb.log"; die "make deb failed"; }
@@ -29,8 +36,8 @@ lintian "$DEB" 2>/dev/null | sed 's/^/#   /'
 # A store with a sentinel, as on a host that ran the hook before.
 SENTINEL=/var/lib/swtpm-keeper/5ee2e000-0000-4000-8000-0000000000ff/00000001-20261121T000000Z
 mkdir -p "$SENTINEL" && echo keep >"$SENTINEL/sentinel"
-dpkg -i "$DEB" >/dev/null 2>&1 || die "dpkg -i failed"
-check "dpkg -i is idempotent (install twice)" sh -c "dpkg -i '$DEB' >/dev/null 2>&1"
+logged dpkg -i "$DEB" || die "dpkg -i failed"
+check "dpkg -i is idempotent (install twice)" logged dpkg -i "$DEB"
 check "installed: the hook is in qemu.d, pointing at the binary" test "$(readlink -f /etc/libvirt/hooks/qemu.d/swtpm-keeper)" = /usr/libexec/swtpm-keeper/swtpm-keeper
 check "installed: the store is root 0700" test "$(stat -c %U:%a /var/lib/swtpm-keeper)" = root:700
 check "installed: the configuration is a conffile" sh -c "dpkg-query -W -f='\${Conffiles}' swtpm-keeper | grep -q /etc/swtpm-keeper/swtpm-keeper.conf"
@@ -40,7 +47,7 @@ SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/run.sh"
 E2E=$?
 check "the end-to-end suite passes against the installed package" test $E2E = 0
 
-dpkg -r swtpm-keeper >/dev/null 2>&1 || nok "dpkg -r failed"
+logged dpkg -r swtpm-keeper || nok "dpkg -r failed"
 check "removed: the hook is gone" test ! -e /etc/libvirt/hooks/qemu.d/swtpm-keeper
 check "removed: the store survived" test -e "$SENTINEL/sentinel"
 dpkg --purge swtpm-keeper >"$TOP/build/purge.log" 2>&1

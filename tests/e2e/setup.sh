@@ -9,10 +9,12 @@ for p in "${pkgs[@]}"; do
 done
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    "$(dirname "$0")/apt.sh" update
+    "$(dirname "$0")/apt.sh" install --no-install-recommends "${need[@]}"
 fi
-pidof rsyslogd >/dev/null || rsyslogd
+# /run may be on disk here: a pid file left by a daemon of an earlier boot
+# can name a live process and stop rsyslogd from starting.
+pidof rsyslogd >/dev/null || { rm -f /run/rsyslogd.pid; rsyslogd; }
 pidof virtlogd >/dev/null || virtlogd -d
 pidof libvirtd >/dev/null || libvirtd -d
 for _ in $(seq 1 60); do
