@@ -5,19 +5,9 @@
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 TOP=$(cd "$HERE/../.." && pwd)
-PASS=0
-FAIL=0
-ok() { PASS=$((PASS + 1)); echo "ok   - $*"; }
-nok() { FAIL=$((FAIL + 1)); echo "FAIL - $*"; }
-check() { local what=$1; shift; if "$@"; then ok "$what"; else nok "$what"; fi; }
-die() { echo "package: FATAL: $*" >&2; exit 1; }
-# logged command...: quiet when it works, its output shown when it fails.
-logged() {
-    "$@" >"$TOP/build/cmd.log" 2>&1 && return 0
-    local rc=$?
-    sed 's/^/#   /' "$TOP/build/cmd.log"
-    return $rc
-}
+NAME=package
+QUIET_LOG=$TOP/build/package-cmd.log
+. "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root"
 for p in debhelper dpkg-dev lintian fakeroot; do
@@ -36,8 +26,8 @@ lintian "$DEB" 2>/dev/null | sed 's/^/#   /'
 # A store with a sentinel, as on a host that ran the hook before.
 SENTINEL=/var/lib/swtpm-keeper/5ee2e000-0000-4000-8000-0000000000ff/00000001-20261121T000000Z
 mkdir -p "$SENTINEL" && echo keep >"$SENTINEL/sentinel"
-logged dpkg -i "$DEB" || die "dpkg -i failed"
-check "dpkg -i is idempotent (install twice)" logged dpkg -i "$DEB"
+quiet dpkg -i "$DEB" || die "dpkg -i failed"
+check "dpkg -i is idempotent (install twice)" quiet dpkg -i "$DEB"
 check "installed: the hook is in qemu.d, pointing at the binary" test "$(readlink -f /etc/libvirt/hooks/qemu.d/swtpm-keeper)" = /usr/libexec/swtpm-keeper/swtpm-keeper
 check "installed: the store is root 0700" test "$(stat -c %U:%a /var/lib/swtpm-keeper)" = root:700
 check "installed: the configuration is a conffile" sh -c "dpkg-query -W -f='\${Conffiles}' swtpm-keeper | grep -q /etc/swtpm-keeper/swtpm-keeper.conf"
@@ -47,7 +37,7 @@ SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/run.sh"
 E2E=$?
 check "the end-to-end suite passes against the installed package" test $E2E = 0
 
-logged dpkg -r swtpm-keeper || nok "dpkg -r failed"
+quiet dpkg -r swtpm-keeper || nok "dpkg -r failed"
 check "removed: the hook is gone" test ! -e /etc/libvirt/hooks/qemu.d/swtpm-keeper
 check "removed: the store survived" test -e "$SENTINEL/sentinel"
 dpkg --purge swtpm-keeper >"$TOP/build/purge.log" 2>&1

@@ -11,19 +11,9 @@ TOP=$(cd "$HERE/../.." && pwd)
 CONF=/etc/swtpm-keeper/swtpm-keeper.conf
 HOOK=/etc/libvirt/hooks/qemu.d/swtpm-keeper
 BIN=/usr/libexec/swtpm-keeper/swtpm-keeper
-PASS=0
-FAIL=0
-ok() { PASS=$((PASS + 1)); echo "ok   - $*"; }
-nok() { FAIL=$((FAIL + 1)); echo "FAIL - $*"; }
-check() { local what=$1; shift; if "$@"; then ok "$what"; else nok "$what"; fi; }
-die() { echo "rpm: FATAL: $*" >&2; exit 1; }
-# logged command...: output kept in build/rpm-cmd.log, shown when it fails.
-logged() {
-    "$@" >"$TOP/build/rpm-cmd.log" 2>&1 && return 0
-    local rc=$?
-    sed 's/^/#   /' "$TOP/build/rpm-cmd.log"
-    return $rc
-}
+NAME=rpm
+QUIET_LOG=$TOP/build/rpm-cmd.log   # read by checks below
+. "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root"
 RPM=$(ls "$TOP"/build/rpm/RPMS/*/swtpm-keeper-[0-9]*.rpm 2>/dev/null | head -n 1)
@@ -39,27 +29,27 @@ check "spec: the store is a %dir 0700 root" grep -qxF "drwx------ root:root  /va
 # A store with a sentinel, as on a host that ran the hook before.
 SENTINEL=/var/lib/swtpm-keeper/5ee2e000-0000-4000-8000-0000000000fe/00000001-20261122T000000Z
 mkdir -p "$SENTINEL" && echo keep >"$SENTINEL/sentinel"
-logged rpm -i --nodeps "$RPM" || die "rpm -i failed"
-check "installed: %post reloaded the running libvirtd" grep -q "reloaded libvirtd" "$TOP/build/rpm-cmd.log"
+quiet rpm -i --nodeps "$RPM" || die "rpm -i failed"
+check "installed: %post reloaded the running libvirtd" grep -q "reloaded libvirtd" "$QUIET_LOG"
 check "installed: the hook is in qemu.d, pointing at the binary" test "$(readlink -f "$HOOK")" = "$BIN"
 check "installed: the store is root 0700" test "$(stat -c %U:%a /var/lib/swtpm-keeper)" = root:700
 check "installed: the store kept what it held" test -e "$SENTINEL/sentinel"
 check "installed: /usr/sbin/swtpm-keeper is the same binary" test "$(readlink -f /usr/sbin/swtpm-keeper)" = "$BIN"
-check "installed: rpm -V finds every file as packaged" logged rpm -V --nodeps swtpm-keeper
+check "installed: rpm -V finds every file as packaged" quiet rpm -V --nodeps swtpm-keeper
 
 SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/run.sh"
 check "the end-to-end suite passes against the installed .rpm" test $? = 0
 
 echo "# changed by the administrator" >>"$CONF"
-logged rpm -U --replacepkgs --nodeps "$RPM" || nok "rpm -U --replacepkgs failed"
+quiet rpm -U --replacepkgs --nodeps "$RPM" || nok "rpm -U --replacepkgs failed"
 check "reinstalled: the changed configuration was kept" grep -q "changed by the administrator" "$CONF"
 check "reinstalled: no .rpmnew (the packaged file did not change)" test ! -e "$CONF.rpmnew"
 
-logged rpm -e swtpm-keeper || nok "rpm -e failed"
+quiet rpm -e swtpm-keeper || nok "rpm -e failed"
 check "erased: the hook is gone" test ! -e "$HOOK" -a ! -L "$HOOK"
 check "erased: the binary is gone" test ! -e "$BIN"
 check "erased: the store survived" test -e "$SENTINEL/sentinel"
-check "erased: %postun says what it left" grep -q "left in place" "$TOP/build/rpm-cmd.log"
+check "erased: %postun says what it left" grep -q "left in place" "$QUIET_LOG"
 check "erased: the changed configuration was saved as .rpmsave" grep -q "changed by the administrator" "$CONF.rpmsave"
 rm -f "$CONF.rpmsave"
 rmdir /etc/swtpm-keeper 2>/dev/null

@@ -20,27 +20,10 @@ SNAPHOOK=/etc/libvirt/hooks/qemu.d/zz-swk-e2e-snapshot
 SNAP=/run/swk-e2e-snapshots
 SWTPM=/var/lib/libvirt/swtpm
 WORK=$(mktemp -d /tmp/swk-e2e.XXXXXX)
-PASS=0
-FAIL=0
-
-die() { echo "e2e: FATAL: $*" >&2; exit 1; }
-ok() { PASS=$((PASS + 1)); echo "ok   - $*"; }
-nok() { FAIL=$((FAIL + 1)); echo "FAIL - $*"; }
-# check "what it pins" command...
-check() { local what=$1; shift; if "$@"; then ok "$what"; else nok "$what"; fi; }
+NAME=e2e
+QUIET_LOG=$WORK/quiet.out
+. "$HERE/lib.sh"
 same_file() { cmp -s "$1" "$2"; }
-wait_for() { # seconds command...
-    local n=$(($1 * 10)); shift
-    while [ $n -gt 0 ]; do "$@" && return 0; sleep 0.1; n=$((n - 1)); done
-    return 1
-}
-# quiet command...: no output when it works; its output when it fails.
-quiet() {
-    "$@" >"$WORK/quiet.out" 2>&1 && return 0
-    local rc=$?
-    sed 's/^/#   /' "$WORK/quiet.out"
-    return $rc
-}
 
 [ "$(id -u)" = 0 ] || die "run as root: the suite drives the system libvirtd"
 # Syslog checks look only at what this run logged: the file outlives runs,
