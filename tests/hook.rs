@@ -131,13 +131,7 @@ fn persistent_vm_stores_libvirts_inactive_definition() {
     );
     let inactive = b"<domain type='qemu'>\n  <name>tpmtrans</name>\n  <uuid>11111111-2222-3333-4444-555555555555</uuid>\n</domain>\n";
     std::fs::write(h.etc_qemu.join("tpmtrans.xml"), inactive).unwrap();
-    h.hook(
-        "tpmtrans",
-        "stopped",
-        "end",
-        "-",
-        &fixture("tpm2-transient.stopped.xml"),
-    );
+    h.stop_transient();
     let g = h.vm_store(UUID_TRANS).join(&h.generations(UUID_TRANS)[0]);
     assert_eq!(std::fs::read(g.join("domain.xml")).unwrap(), inactive);
     assert_eq!(
@@ -162,13 +156,7 @@ fn definition_of_another_vm_with_the_same_name_is_not_used() {
         "<domain><name>tpmtrans</name><uuid>99999999-2222-3333-4444-555555555555</uuid></domain>",
     )
     .unwrap();
-    h.hook(
-        "tpmtrans",
-        "stopped",
-        "end",
-        "-",
-        &fixture("tpm2-transient.stopped.xml"),
-    );
+    h.stop_transient();
     let g = h.vm_store(UUID_TRANS).join(&h.generations(UUID_TRANS)[0]);
     assert_eq!(
         std::fs::read(g.join("domain.xml")).unwrap(),
@@ -341,13 +329,7 @@ fn invalid_state_is_refused_and_the_store_keeps_what_it_had() {
 fn state_dir_without_permall_captures_nothing() {
     let h = Host::new("nopermall");
     h.put_state(UUID_TRANS, &[(".lock", b"")]);
-    h.hook(
-        "tpmtrans",
-        "stopped",
-        "end",
-        "-",
-        &fixture("tpm2-transient.stopped.xml"),
-    );
+    h.stop_transient();
     assert!(h.generations(UUID_TRANS).is_empty());
     assert!(h.logs()[0].contains("no TPM state at"));
 }
@@ -367,13 +349,7 @@ fn leftover_temporaries_are_removed_by_the_next_run() {
         UUID_TRANS,
         &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
     );
-    h.hook(
-        "tpmtrans",
-        "stopped",
-        "end",
-        "-",
-        &fixture("tpm2-transient.stopped.xml"),
-    );
+    h.stop_transient();
     let mut names: Vec<String> = std::fs::read_dir(&vm)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -396,13 +372,7 @@ fn a_live_swtpm_lock_prevents_capture() {
     // Hold a POSIX write lock on .lock from another process, as swtpm does.
     let holder = FcntlHolder::hold(&d.join(".lock"));
     let t = Instant::now();
-    let out = h.hook(
-        "tpmtrans",
-        "stopped",
-        "end",
-        "-",
-        &fixture("tpm2-transient.stopped.xml"),
-    );
+    let out = h.stop_transient();
     let took = t.elapsed();
     drop(holder);
     assert_eq!(out.status.code(), Some(0));
@@ -427,13 +397,7 @@ fn a_held_store_lock_makes_the_hook_give_up_at_the_deadline() {
     let f = std::fs::File::create(vm.join(".lock")).unwrap();
     f.lock().unwrap();
     let t = Instant::now();
-    let out = h.hook(
-        "tpmtrans",
-        "stopped",
-        "end",
-        "-",
-        &fixture("tpm2-transient.stopped.xml"),
-    );
+    let out = h.stop_transient();
     let took = t.elapsed();
     assert_eq!(out.status.code(), Some(0));
     assert!(h.generations(UUID_TRANS).is_empty());
@@ -618,13 +582,7 @@ fn a_broken_configuration_is_logged_and_the_stop_still_succeeds() {
         &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
     );
     std::fs::write(&h.conf, "generations = \"lots\"\n").unwrap();
-    let out = h.hook(
-        "tpmtrans",
-        "stopped",
-        "end",
-        "-",
-        &fixture("tpm2-transient.stopped.xml"),
-    );
+    let out = h.stop_transient();
     assert_eq!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     // The configured socket is unknown now: the line falls back to syslog's

@@ -91,13 +91,7 @@ fn a_corpus_of_hostile_domain_xml_never_crashes_and_never_writes_outside_the_sto
         UUID_TRANS,
         &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
     );
-    h.hook(
-        "tpmtrans",
-        "stopped",
-        "end",
-        "-",
-        &fixture("tpm2-transient.stopped.xml"),
-    );
+    h.stop_transient();
     std::fs::remove_dir_all(h.swtpm.join(UUID_TRANS)).unwrap();
     // A symlink in a directory anybody can write (ok-31).
     let linkdir = h.root.join("linkdir");

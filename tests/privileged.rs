@@ -151,13 +151,7 @@ fn a_device_node_in_place_of_state_is_refused() {
         .status()
         .unwrap();
     assert!(ok.success());
-    h.hook(
-        "tpmtrans",
-        "stopped",
-        "end",
-        "-",
-        &fixture("tpm2-transient.stopped.xml"),
-    );
+    h.stop_transient();
     assert!(h.generations(UUID_TRANS).is_empty());
     let logs = h.logs();
     assert!(logs[0].contains("not a regular file"), "{logs:?}");

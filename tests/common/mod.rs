@@ -127,6 +127,17 @@ impl Host {
         out
     }
 
+    /// libvirt's `stopped end` for the transient fixture VM (tpmtrans).
+    pub fn stop_transient(&self) -> Output {
+        self.hook(
+            "tpmtrans",
+            "stopped",
+            "end",
+            "-",
+            &fixture("tpm2-transient.stopped.xml"),
+        )
+    }
+
     pub fn vm_store(&self, uuid: &str) -> PathBuf {
         self.store.join(uuid)
     }
