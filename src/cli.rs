@@ -86,8 +86,11 @@ TPM version), unless --force is given.
 
 --generation GEN  restore this generation (see `swtpm-keeper show <vm>`)
 --force           replace an existing state and NVRAM, and override the
-                  refusals. The existing state is first captured as a new
-                  generation, so a restore never loses anything.
+                  refusals. The existing state and its NVRAM are first
+                  captured as a new generation, so a restore never loses
+                  anything. An NVRAM with no TPM state beside it is kept
+                  (nothing could be captured with it): move it aside to
+                  replace it.
 ";
 
 const PRUNE_HELP: &str = "\

@@ -182,7 +182,7 @@ pub fn at_prepare(
         &loc,
         &qc.swtpm_owner(),
         &qc.qemu_owner(),
-        false,
+        Replace::default(),
     )
     .map_err(io_refusal)?;
     Ok(Outcome::Restored {
@@ -288,22 +288,28 @@ pub fn check_rules(
     Ok(())
 }
 
+/// What `put_back` may swap out. Only what was captured first (the CLI's
+/// --force) may be replaced; the hook replaces nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replace {
+    pub state: bool,
+    pub nvram: bool,
+}
+
 /// Write the generation into libvirt's paths: NVRAM first (so that a TPM
-/// never comes back without its NVRAM), then the TPM state. `replace`
-/// (the CLI's --force, after capturing what is there) swaps out an
-/// existing state and NVRAM; the hook never does.
+/// never comes back without its NVRAM), then the TPM state.
 pub fn put_back(
     gen: &Loaded,
     domain: &Domain,
     loc: &StateLocation,
     swtpm_owner: &Owner,
     qemu_owner: &Owner,
-    replace: bool,
+    replace: Replace,
 ) -> Result<NvramOutcome> {
     let mut nvram = NvramOutcome::None;
     let path = nvram_path(domain, &gen.manifest);
     if let (Some(path), Some(bytes)) = (&path, gen.file(manifest::NVRAM)) {
-        nvram = if put_file(path, bytes, qemu_owner, true, replace)? {
+        nvram = if put_file(path, bytes, qemu_owner, true, replace.nvram)? {
             NvramOutcome::Restored(path.clone())
         } else {
             NvramOutcome::KeptExisting(path.clone())
@@ -323,14 +329,14 @@ pub fn put_back(
             &tpm_files,
             swtpm_owner,
             &swtpm::permall_name(version_of(gen)),
-            replace,
+            replace.state,
         )?,
         StateLocation::File(path) => {
             let bytes = tpm_files
                 .first()
                 .map(|(_, b)| *b)
                 .ok_or_else(|| Error::failed("the generation has no state file"))?;
-            if !put_file(path, bytes, swtpm_owner, false, replace)? {
+            if !put_file(path, bytes, swtpm_owner, false, replace.state)? {
                 return Err(Error::failed(format!(
                     "{} appeared while restoring; left as it is",
                     path.display()

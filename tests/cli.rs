@@ -390,6 +390,31 @@ fn restore_of_a_chosen_generation_refuses_to_replace_without_force_and_keeps_the
 }
 
 #[test]
+fn restore_force_never_replaces_an_nvram_it_did_not_capture_first() {
+    let h = fixture_store("clinvramkeep");
+    // No TPM state, but the VM's UEFI vars exist (say, firmware ran with a
+    // new TPM): with nothing to capture them with, --force must keep them.
+    std::fs::create_dir_all(&h.nvram_dir).unwrap();
+    let vars = h.nvram_dir.join("win11_VARS.fd");
+    std::fs::write(&vars, vec![7u8; 4096]).unwrap();
+    let out = h.run(&["restore", "win11", "--generation", G1, "--force"], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("exists and was kept"), "{text}");
+    assert_eq!(std::fs::read(&vars).unwrap(), vec![7u8; 4096]);
+    assert_eq!(
+        std::fs::read(h.state_dir(A).join("tpm2-00.permall")).unwrap(),
+        std::fs::read(h.vm_store(A).join(G1).join("tpm2-00.permall")).unwrap()
+    );
+    assert_eq!(h.generations(A).len(), 3, "nothing was captured");
+}
+
+#[test]
 fn restore_refuses_a_running_vm_and_a_live_swtpm() {
     let h = fixture_store("clirunning");
     let run_dir = std::env::temp_dir().join(format!("swk-clirunning-{}-run", std::process::id()));

@@ -132,6 +132,9 @@ pub fn run(
             loc.path().display()
         )));
     }
+    // Only what this capture stored may be replaced: with no TPM state
+    // there is no capture, and an existing NVRAM stays.
+    let mut captured = false;
     if exists {
         // Keep what is there before replacing it, without pruning (the
         // generation being restored may be the oldest).
@@ -145,9 +148,11 @@ pub fn run(
         let live = gen.file(manifest::DOMAIN_LIVE_XML).unwrap_or_default();
         match capture::capture_locked(&keep_all, &vm, &domain, &tpm, &event, live) {
             Ok(Outcome::Stored { generation, .. }) => {
+                captured = true;
                 writeln!(out, "The existing state was captured first as generation {generation}.").ok();
             }
             Ok(Outcome::Unchanged { generation, .. }) => {
+                captured = true;
                 writeln!(out, "The existing state is already stored as generation {generation}.").ok();
             }
             Ok(Outcome::NoState { .. }) => {}
@@ -168,10 +173,18 @@ pub fn run(
         &loc,
         &qc.swtpm_owner(),
         &qc.qemu_owner(),
-        force,
+        restore::Replace {
+            state: force && captured,
+            nvram: force && captured,
+        },
     )?;
     let nv = match &nvram {
         NvramOutcome::Restored(p) => format!(" and NVRAM into {}", p.display()),
+        NvramOutcome::KeptExisting(p) if force && !captured => format!(
+            " (NVRAM {} exists and was kept: with no TPM state there, nothing was captured \
+             with it; move it aside and restore again to replace it)",
+            p.display()
+        ),
         NvramOutcome::KeptExisting(p) => format!(" (NVRAM {} exists, kept)", p.display()),
         NvramOutcome::None => String::new(),
     };
