@@ -298,7 +298,12 @@ pub fn fsync_dir(path: &Path) -> Result<()> {
 pub fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     match fs::DirBuilder::new().mode(mode).create(path) {
-        Ok(()) => Ok(()),
+        // A new directory's entry lives in its parent: sync that too, or a
+        // power loss can drop the directory with the files later put in it.
+        Ok(()) => match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => fsync_dir(parent),
+            _ => Ok(()),
+        },
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             let md = fs::symlink_metadata(path).ctx("stat", path)?;
             if md.is_dir() {
