@@ -175,9 +175,51 @@ fn release_after_stopped_adds_nothing_when_the_state_is_the_same() {
     h.hook("tpmtrans", "stopped", "end", "-", &xml);
     h.hook("tpmtrans", "release", "end", "destroyed", &xml);
     assert_eq!(h.generations(UUID_TRANS).len(), 1);
+    // Nothing done, nothing at info: the capture's line is the only one.
     let logs = h.logs();
-    assert!(logs[1].contains("unchanged since generation"), "{logs:?}");
-    assert!(logs[1].contains("reason=destroyed"), "{logs:?}");
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(logs[0].contains("event=stopped/end"), "{logs:?}");
+
+    // At debug level the release says why it added nothing.
+    let h = Host::with_config("releasedebug", "log_level = \"debug\"\n");
+    h.put_state(
+        UUID_TRANS,
+        &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
+    );
+    h.hook("tpmtrans", "stopped", "end", "-", &xml);
+    h.hook("tpmtrans", "release", "end", "destroyed", &xml);
+    let logs = h.logs();
+    let release: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("event=release/end reason=destroyed"))
+        .collect();
+    assert_eq!(release.len(), 1, "{logs:?}");
+    assert!(release[0].starts_with("<31>"), "daemon.debug: {logs:?}");
+    assert!(
+        release[0].contains("unchanged since generation"),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn a_release_for_a_migration_marks_the_unchanged_state_and_says_so_at_info() {
+    let h = Host::new("releasemigrated");
+    h.put_state(
+        UUID_TRANS,
+        &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
+    );
+    let xml = fixture("tpm2-transient.stopped.xml");
+    h.hook("tpmtrans", "stopped", "end", "-", &xml);
+    h.hook("tpmtrans", "release", "end", "migrated", &xml);
+    assert_eq!(h.generations(UUID_TRANS).len(), 1);
+    let logs = h.logs();
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    assert!(
+        logs[1].starts_with("<30>")
+            && logs[1].contains("reason=migrated")
+            && logs[1].contains("marked as migrated away"),
+        "{logs:?}"
+    );
 }
 
 #[test]
@@ -331,7 +373,9 @@ fn state_dir_without_permall_captures_nothing() {
     h.put_state(UUID_TRANS, &[(".lock", b"")]);
     h.stop_transient();
     assert!(h.generations(UUID_TRANS).is_empty());
-    assert!(h.logs()[0].contains("no TPM state at"));
+    // Nothing to do (swtpm never ran): nothing at info.
+    let logs = h.logs();
+    assert!(logs.is_empty(), "{logs:?}");
 }
 
 #[test]

@@ -258,6 +258,8 @@ check "transient: the store holds a generation" test -n "$G"
 check "transient: its permall is byte-identical to the one libvirt deleted" same_file "$G/tpm2-00.permall" "$SNAP/release/$U/tpm2/tpm2-00.permall"
 check "transient: domain.xml is the XML libvirt passed" grep -q '"domain_xml_from": "hook-stdin"' "$G/manifest.json"
 check "transient: the generation verifies with sha256sum -c" sh -c "cd '$G' && sha256sum -c --quiet SHA256SUMS"
+check "transient: one line at info for the stop, none for the release (it added nothing)" \
+    test "$(newlog | grep -F "uuid=$U event=" | grep -cF "event=release/end")" = 0
 
 # --- 3. a VM without TPM leaves nothing ---
 N=swk-e2e-notpm U=5ee2e000-0000-4000-8000-000000000003
@@ -403,8 +405,15 @@ virsh undefine $N >/dev/null
 
 # --- 11. libvirt >= 10.5: release passes the shutoff reason ---
 if version_ge "$LIBVIRT" 10.5.0; then
+    # A release after its stop adds nothing, and says so at debug level.
+    printf 'store_dir = "%s"\nlog_level = "debug"\n' "$STORE" >"$CONF"
+    N=swk-e2e-reason U=5ee2e000-0000-4000-8000-000000000018
+    VMS+=("$N")
+    domain_xml $N $U yes >"$WORK/$N.xml"
+    run_once create $N $SWTPM/$U/tpm2/tpm2-00.permall
     check "reason: release after destroy carries reason=destroyed" \
-        syslog_has "vm=swk-e2e-transient uuid=5ee2e000-0000-4000-8000-000000000002 event=release/end reason=destroyed" "unchanged since generation"
+        wait_for 5 syslog_has "vm=$N uuid=$U event=release/end reason=destroyed" "unchanged since generation"
+    printf 'store_dir = "%s"\n' "$STORE" >"$CONF"
 else
     echo "# libvirt $LIBVIRT < 10.5: release carries no shutoff reason (cases 11 not applicable)"
 fi
@@ -433,18 +442,15 @@ XML
     G=$(newest_gen $U)
     check "source dir: the store holds the state from <source path>" same_file "$G/tpm2-00.permall" "$WORK/srcdir.permall"
     check "source dir: the manifest records the path" grep -q "\"state_path\": \"$D/$U\"" "$G/manifest.json"
-    if [ ! -e "$D/$U/tpm2-00.permall" ]; then
-        virsh define "$G/domain.xml" >/dev/null
-        check "source dir: the start after define succeeds" quiet virsh start $N
-        virsh destroy $N >/dev/null
-        check "source dir: the state came back into <source path>" \
-            wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "restored TPM 2.0 state from generation $(basename "$G") (captured"
-        ek_of_copy "$G" "$WORK/srcdir.ek1" && ek_of_copy "$D/$U" "$WORK/srcdir.ek2"
-        check "source dir: the same TPM (same EK)" same_file "$WORK/srcdir.ek1" "$WORK/srcdir.ek2"
-        virsh undefine $N >/dev/null
-    else
-        echo "# libvirt $LIBVIRT kept $D/$U at undefine: nothing to restore"
-    fi
+    rm -rf "${D:?}/$U"   # whether or not libvirt removed it at undefine
+    virsh define "$G/domain.xml" >/dev/null
+    check "source dir: the start after define succeeds" quiet virsh start $N
+    virsh destroy $N >/dev/null
+    check "source dir: the state came back into <source path>" \
+        wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "restored TPM 2.0 state from generation $(basename "$G") (captured"
+    ek_of_copy "$G" "$WORK/srcdir.ek1" && ek_of_copy "$D/$U" "$WORK/srcdir.ek2"
+    check "source dir: the same TPM (same EK)" same_file "$WORK/srcdir.ek1" "$WORK/srcdir.ek2"
+    virsh undefine $N >/dev/null
     rm -rf $D
 
     N=swk-e2e-srcfile U=5ee2e000-0000-4000-8000-000000000017 F=/var/lib/swk-e2e-tpmfile
