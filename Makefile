@@ -47,6 +47,7 @@ install: $(BIN)
 	[ -e $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf ] || \
 	    install -m 0644 packaging/swtpm-keeper.conf $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf
 	install -m 0755 packaging/reload-libvirt $(DESTDIR)$(PKGLIBEXEC)/reload-libvirt
+	install -m 0755 hooks/qemu-chain $(DESTDIR)$(PKGLIBEXEC)/qemu-chain
 	install -D -m 0644 docs/swtpm-keeper.8 $(DESTDIR)$(MANDIR)/man8/swtpm-keeper.8
 	install -D -m 0644 docs/swtpm-keeper.conf.5 $(DESTDIR)$(MANDIR)/man5/swtpm-keeper.conf.5
 	install -d -m 0700 $(DESTDIR)$(STOREDIR)
@@ -54,7 +55,8 @@ install: $(BIN)
 
 uninstall:
 	rm -f $(DESTDIR)$(HOOKDIR)/$(HOOKNAME) $(DESTDIR)$(SBINDIR)/swtpm-keeper
-	rm -f $(DESTDIR)$(PKGLIBEXEC)/swtpm-keeper $(DESTDIR)$(PKGLIBEXEC)/reload-libvirt
+	rm -f $(DESTDIR)$(PKGLIBEXEC)/swtpm-keeper $(DESTDIR)$(PKGLIBEXEC)/reload-libvirt \
+	    $(DESTDIR)$(PKGLIBEXEC)/qemu-chain
 	rm -f $(DESTDIR)$(MANDIR)/man8/swtpm-keeper.8 $(DESTDIR)$(MANDIR)/man5/swtpm-keeper.conf.5
 	-rmdir $(DESTDIR)$(PKGLIBEXEC) 2>/dev/null
 	# Remove the configuration only if it is still the shipped one.

@@ -650,3 +650,57 @@ fn cli_usage_errors_exit_2_and_help_exits_0() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("qemu.d"));
 }
+
+#[test]
+fn the_chain_hook_runs_swtpm_keeper_then_the_old_hook_and_passes_on_only_its_output() {
+    let h = Host::new("chain");
+    h.put_state(
+        UUID_TRANS,
+        &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
+    );
+    let seen = h.root.join("orig-saw");
+    let orig = h.root.join("qemu.orig");
+    // The old hook records what it got and answers with its own XML, as a
+    // migrate hook that rewrites the domain would.
+    write_script(
+        &orig,
+        &format!(
+            "#!/bin/sh\necho \"$@\" >'{s}.args'\ncat >'{s}.xml'\necho '<domain>rewritten</domain>'\n",
+            s = seen.display()
+        ),
+    );
+    let chain = |op: &str, sub: &str, extra: &str, xml: &[u8]| {
+        run_with(
+            Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hooks/qemu-chain"))
+                .args(["tpmtrans", op, sub, extra])
+                .env("SWTPM_KEEPER", bin())
+                .env("SWTPM_KEEPER_CHAINED", &orig)
+                .env("SWTPM_KEEPER_CONFIG", &h.conf),
+            xml,
+        )
+    };
+    let xml = fixture("tpm2-transient.stopped.xml");
+    let out = chain("stopped", "end", "-", &xml);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"<domain>rewritten</domain>\n");
+    assert_eq!(h.generations(UUID_TRANS).len(), 1, "swtpm-keeper captured");
+    assert_eq!(std::fs::read(seen.with_extension("xml")).unwrap(), xml);
+    assert_eq!(
+        std::fs::read_to_string(seen.with_extension("args")).unwrap(),
+        "tpmtrans stopped end -\n"
+    );
+
+    // A refusal at prepare fails the start, and the old hook never runs.
+    chain("release", "end", "migrated", &xml);
+    std::fs::remove_dir_all(h.state_dir(UUID_TRANS)).unwrap();
+    std::fs::remove_file(seen.with_extension("xml")).unwrap();
+    let out = chain("prepare", "begin", "-", &xml);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing to start tpmtrans"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!seen.with_extension("xml").exists());
+}

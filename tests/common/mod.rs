@@ -188,6 +188,20 @@ pub fn run_with(cmd: &mut Command, stdin: &[u8]) -> Output {
     wait_with_deadline(child, Duration::from_secs(30))
 }
 
+/// Write an executable script. A child process writes it: a write fd held
+/// here leaks into whatever another test thread forks meanwhile, and exec
+/// of the script then fails with "Text file busy".
+#[allow(dead_code)]
+pub fn write_script(path: &Path, text: &str) {
+    let out = run_with(
+        Command::new("sh")
+            .args(["-c", "cat >\"$0\" && chmod 0755 \"$0\""])
+            .arg(path),
+        text.as_bytes(),
+    );
+    assert!(out.status.success(), "writing {}", path.display());
+}
+
 pub fn wait_with_deadline(mut child: std::process::Child, limit: Duration) -> Output {
     let start = std::time::Instant::now();
     loop {
