@@ -25,6 +25,7 @@ VERSION       := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -
 BIN      = $(CARGO_TARGET_DIR)/release/swtpm-keeper
 PKGLIBEXEC = $(LIBEXECDIR)/swtpm-keeper
 HOOKDIR  = $(SYSCONFDIR)/libvirt/hooks/qemu.d
+MAINHOOK = $(SYSCONFDIR)/libvirt/hooks/qemu
 CONFDIR  = $(SYSCONFDIR)/swtpm-keeper
 STOREDIR = $(LOCALSTATEDIR)/lib/swtpm-keeper
 
@@ -63,6 +64,8 @@ uninstall:
 	if cmp -s packaging/swtpm-keeper.conf $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf; then \
 	    rm -f $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf; rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null || true; fi
 	@echo "The store $(STOREDIR) (the captured TPM states) is left in place."
+	@case "$$(readlink $(DESTDIR)$(MAINHOOK) 2>/dev/null)" in */swtpm-keeper/qemu-chain) \
+	    echo "$(MAINHOOK) still links to the removed qemu-chain: mv $(MAINHOOK).orig $(MAINHOOK)" >&2;; esac
 	@if [ -z "$(DESTDIR)" ]; then packaging/reload-libvirt; fi
 
 check:

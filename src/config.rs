@@ -124,13 +124,31 @@ pub fn path() -> PathBuf {
 /// otherwise act on the default store unnoticed.
 pub fn load_current() -> Result<Config> {
     let p = path();
-    if NAMED.get().is_some() && std::fs::symlink_metadata(&p).is_err() {
-        return Err(Error::usage(format!(
+    if NAMED.get().is_none() {
+        return Config::load(&p);
+    }
+    // Read it once, so that neither a dangling link nor a file removed
+    // meanwhile can turn into the defaults.
+    let text = std::fs::read_to_string(&p).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::usage(format!(
             "configuration {} (named by --config) does not exist",
             p.display()
-        )));
+        )),
+        _ => Error::io("read configuration", &p, e),
+    })?;
+    Config::parse(&text).map_err(|e| e.context(format!("configuration {}", p.display())))
+}
+
+/// With `--config`, the named file must exist: an error for commands that
+/// otherwise report a bad configuration and go on with the defaults.
+pub fn require_named() -> Result<()> {
+    match NAMED.get() {
+        Some(p) if std::fs::metadata(p).is_err() => Err(Error::usage(format!(
+            "configuration {} (named by --config) does not exist",
+            p.display()
+        ))),
+        _ => Ok(()),
     }
-    Config::load(&p)
 }
 
 impl Config {

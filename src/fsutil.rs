@@ -294,20 +294,27 @@ pub fn fsync_dir(path: &Path) -> Result<()> {
         .ctx("fsync directory", path)
 }
 
-/// mkdir with a mode, fine if it exists as a directory (not a symlink).
+/// A directory's entry lives in its parent: sync that, or a power loss can
+/// drop the directory with the files later put in it.
+fn fsync_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => fsync_dir(parent),
+        _ => Ok(()),
+    }
+}
+
+/// mkdir with a mode, fine if it exists as a directory (not a symlink);
+/// either way its parent is synced, so the directory persists.
 pub fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     match fs::DirBuilder::new().mode(mode).create(path) {
-        // A new directory's entry lives in its parent: sync that too, or a
-        // power loss can drop the directory with the files later put in it.
-        Ok(()) => match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => fsync_dir(parent),
-            _ => Ok(()),
-        },
+        Ok(()) => fsync_parent(path),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             let md = fs::symlink_metadata(path).ctx("stat", path)?;
             if md.is_dir() {
-                Ok(())
+                // Also when it exists: the run that made it may have died
+                // before its fsync (cheap when nothing is pending).
+                fsync_parent(path)
             } else {
                 Err(Error::failed(format!(
                     "{} exists and is not a directory",

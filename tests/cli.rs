@@ -680,4 +680,15 @@ fn config_flag_names_the_file_and_wins_over_the_environment() {
         "{err}"
     );
     assert!(out.stdout.is_empty());
+    // Nor does a dangling link, nor for `check`.
+    let dangling = empty.root.join("dangling.conf");
+    std::os::unix::fs::symlink(&missing, &dangling).unwrap();
+    for args in [
+        &["--config", dangling.to_str().unwrap(), "list"][..],
+        &["check", "--config", missing.to_str().unwrap()],
+    ] {
+        let out = empty.run(args, b"");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
 }

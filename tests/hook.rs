@@ -703,4 +703,22 @@ fn the_chain_hook_runs_swtpm_keeper_then_the_old_hook_and_passes_on_only_its_out
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!seen.with_extension("xml").exists());
+
+    // swtpm-keeper failing otherwise (here: not there at all) never keeps
+    // the old hook from running, but at prepare.
+    for (op, sub, code, ran) in [
+        ("stopped", "end", 0, true),
+        ("prepare", "begin", 127, false),
+    ] {
+        let out = run_with(
+            Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hooks/qemu-chain"))
+                .args(["tpmtrans", op, sub, "-"])
+                .env("SWTPM_KEEPER", h.root.join("no-such-keeper"))
+                .env("SWTPM_KEEPER_CHAINED", &orig),
+            &xml,
+        );
+        assert_eq!(out.status.code(), Some(code), "{op}");
+        assert_eq!(seen.with_extension("xml").exists(), ran, "{op}");
+        let _ = std::fs::remove_file(seen.with_extension("xml"));
+    }
 }

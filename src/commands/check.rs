@@ -65,7 +65,8 @@ fn daemons() -> Vec<(String, u32)> {
     v
 }
 
-/// Hook files libvirt would run that lead to `exe`.
+/// Hook files libvirt would run that lead to `exe`, or to the qemu-chain
+/// script installed beside it (libvirt < 6.5 with a hook of its own).
 fn installed_hooks(hooks_dir: &Path, exe: &Path) -> Vec<PathBuf> {
     let mut candidates = vec![hooks_dir.join("qemu")];
     if let Ok(rd) = std::fs::read_dir(hooks_dir.join("qemu.d")) {
@@ -75,12 +76,17 @@ fn installed_hooks(hooks_dir: &Path, exe: &Path) -> Vec<PathBuf> {
     }
     candidates
         .into_iter()
-        .filter(|p| std::fs::canonicalize(p).map(|c| c == exe).unwrap_or(false))
+        .filter(|p| {
+            std::fs::canonicalize(p)
+                .map(|c| c == exe || c == exe.with_file_name("qemu-chain"))
+                .unwrap_or(false)
+        })
         .collect()
 }
 
 pub fn run(out: &mut dyn Write) -> Result<i32> {
     let mut r = Report { out, fixes: 0 };
+    config::require_named()?;
     let path = config::path();
     let cfg = match config::load_current() {
         Ok(c) => {
@@ -262,4 +268,31 @@ pub fn run(out: &mut dyn Write) -> Result<i32> {
     let _ = writeln!(r.out, "{} to fix", r.fixes);
     let _ = r.out.flush().map_err(|e| Error::failed(e.to_string()));
     Ok(if r.fixes > 0 { 1 } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_main_hook_linked_to_qemu_chain_beside_the_binary_counts_as_installed() {
+        let t = std::env::temp_dir().join(format!("swk-check-chain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        std::fs::create_dir_all(t.join("libexec")).unwrap();
+        std::fs::create_dir_all(t.join("hooks/qemu.d")).unwrap();
+        let exe = t.join("libexec/swtpm-keeper");
+        std::fs::write(&exe, b"").unwrap();
+        std::fs::write(t.join("libexec/qemu-chain"), b"").unwrap();
+        std::fs::write(t.join("libexec/other"), b"").unwrap();
+        let hooks = t.join("hooks");
+        std::os::unix::fs::symlink(t.join("libexec/other"), hooks.join("qemu.d/other")).unwrap();
+        assert!(installed_hooks(&hooks, &exe).is_empty());
+        std::os::unix::fs::symlink(t.join("libexec/qemu-chain"), hooks.join("qemu")).unwrap();
+        std::os::unix::fs::symlink(&exe, hooks.join("qemu.d/swtpm-keeper")).unwrap();
+        assert_eq!(
+            installed_hooks(&hooks, &exe),
+            vec![hooks.join("qemu"), hooks.join("qemu.d/swtpm-keeper")]
+        );
+        std::fs::remove_dir_all(&t).unwrap();
+    }
 }

@@ -17,7 +17,8 @@ restart() {
     virtlogd -d
     libvirtd -d
     for _ in $(seq 1 60); do
-        running=$(virsh -q -c qemu:///system version --daemon 2>/dev/null | sed -n 's/^Running against daemon: \([0-9]*\)\..*/\1/p')
+        # Not answering yet is expected here (set -e must not end the wait).
+        running=$(virsh -q -c qemu:///system version --daemon 2>/dev/null | sed -n 's/^Running against daemon: \([0-9]*\)\..*/\1/p' || true)
         [ "$running" = "$want" ] && return 0
         sleep 0.5
     done
@@ -43,7 +44,7 @@ case "$want" in
         "$APT" install -t bookworm-backports $(libvirt_pkgs)
         ;;
     9)
-        bookworm_version() { apt-cache madison "$1" | grep -v backports | awk -F'|' 'NR==1 {gsub(/ /, "", $2); print $2}'; }
+        bookworm_version() { apt-cache madison "$1" | { grep -v backports || true; } | awk -F'|' 'NR==1 {gsub(/ /, "", $2); print $2}'; }
         "$APT" update
         v=$(bookworm_version libvirt-daemon)
         [ -n "$v" ] || { echo "libvirt-version: no bookworm libvirt-daemon in the package lists" >&2; exit 1; }

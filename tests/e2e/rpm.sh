@@ -30,6 +30,8 @@ check "spec: the store is a %dir 0700 root" grep -qxF "drwx------ root:root  /va
 SENTINEL=/var/lib/swtpm-keeper/5ee2e000-0000-4000-8000-0000000000fe/00000001-20261122T000000Z
 mkdir -p "$SENTINEL" && echo keep >"$SENTINEL/sentinel"
 quiet rpm -i --nodeps "$RPM" || die "rpm -i failed"
+# Interrupted from here on, leave no package behind for the next run.
+trap 'rpm -e swtpm-keeper >/dev/null 2>&1' EXIT
 check "installed: %post reloaded the running libvirtd" grep -q "reloaded libvirtd" "$QUIET_LOG"
 check "installed: the hook is in qemu.d, pointing at the binary" test "$(readlink -f "$HOOK")" = "$BIN"
 check "installed: the store is root 0700" test "$(stat -c %U:%a /var/lib/swtpm-keeper)" = root:700
@@ -46,6 +48,7 @@ check "reinstalled: the changed configuration was kept" grep -q "changed by the 
 check "reinstalled: no .rpmnew (the packaged file did not change)" test ! -e "$CONF.rpmnew"
 
 quiet rpm -e swtpm-keeper || nok "rpm -e failed"
+trap - EXIT
 check "erased: the hook is gone" test ! -e "$HOOK" -a ! -L "$HOOK"
 check "erased: the binary is gone" test ! -e "$BIN"
 check "erased: the store survived" test -e "$SENTINEL/sentinel"
