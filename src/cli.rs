@@ -117,6 +117,11 @@ for it (and pointing at this program), the running libvirt daemon (a hook
 installed after it started is used only after a reload), the store's
 ownership and mode, syslog, and the owners restored files will get from
 qemu.conf. Exits 1 if any line says FIX.
+
+`warn` marks what cannot be told for sure. A reload leaves no trace, so a
+daemon older than the hook is `ok` only if the install's own reload of it
+is recorded (in /run/swtpm-keeper/reloaded); after a reload by hand it
+stays `warn`.
 ";
 
 const HOOK_HELP: &str = "\

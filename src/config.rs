@@ -76,6 +76,9 @@ pub struct Config {
     pub libvirt_run_dir: PathBuf,
     /// Where libvirt looks for hooks (`qemu`, `qemu.d/`), for `check`.
     pub libvirt_hooks_dir: PathBuf,
+    /// Where the install's reload of libvirt is recorded (`reloaded`), so
+    /// that `check` can tell the running daemon uses a newer hook.
+    pub run_dir: PathBuf,
     pub restore: Restore,
     pub on_refusal: OnRefusal,
 }
@@ -94,6 +97,7 @@ impl Default for Config {
             qemu_conf: "/etc/libvirt/qemu.conf".into(),
             libvirt_run_dir: "/run/libvirt/qemu".into(),
             libvirt_hooks_dir: "/etc/libvirt/hooks".into(),
+            run_dir: "/run/swtpm-keeper".into(),
             restore: Restore::Auto,
             on_refusal: OnRefusal::Abort,
         }
@@ -178,6 +182,7 @@ impl Config {
             ("qemu_conf", &self.qemu_conf),
             ("libvirt_run_dir", &self.libvirt_run_dir),
             ("libvirt_hooks_dir", &self.libvirt_hooks_dir),
+            ("run_dir", &self.run_dir),
         ] {
             if !p.is_absolute() {
                 return bad(key, "must be an absolute path");

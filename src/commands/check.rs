@@ -8,7 +8,7 @@ use crate::config::{self, Config};
 use crate::error::{Error, Result};
 use crate::qemuconf::{self, QemuConf};
 
-#[derive(PartialEq)]
+#[derive(Debug, PartialEq)]
 enum Level {
     Ok,
     Warn,
@@ -63,6 +63,65 @@ fn daemons() -> Vec<(String, u32)> {
         }
     }
     v
+}
+
+/// Reloads of libvirt that the install scripts recorded (packaging/
+/// reload-libvirt): `<daemon> <pid> <unix time>` a line. Bad lines are
+/// skipped: this is a hint, never a reason to fail.
+fn read_reloads(path: &Path) -> Vec<(String, u32, i64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((
+                f.next()?.to_owned(),
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Does the daemon run the hook? libvirt reads its hook list at start and
+/// on reload (SIGHUP). A reload leaves no trace but the install's record.
+fn daemon_state(
+    name: &str,
+    pid: u32,
+    start: Option<i64>,
+    hook_time: Option<i64>,
+    reloads: &[(String, u32, i64)],
+) -> (Level, String) {
+    let (Some(start), Some(installed)) = (start, hook_time) else {
+        return (Level::Ok, format!("{name} (pid {pid}) runs"));
+    };
+    if installed <= start {
+        return (
+            Level::Ok,
+            format!("{name} (pid {pid}) runs, started after the hook was installed"),
+        );
+    }
+    let reloaded = reloads
+        .iter()
+        .filter(|(n, p, t)| n == name && *p == pid && *t >= installed)
+        .map(|(_, _, t)| *t)
+        .max();
+    match reloaded {
+        Some(t) => (
+            Level::Ok,
+            format!(
+                "{name} (pid {pid}) runs, reloaded by the install {}s after the hook was installed",
+                t - installed
+            ),
+        ),
+        None => (
+            Level::Warn,
+            format!(
+                "the hook was installed after {name} (pid {pid}) started, and no reload since is recorded: \
+                 unless you reloaded it yourself, it does not run the hook yet: `systemctl reload {name}` \
+                 or `kill -HUP {pid}`"
+            ),
+        ),
+    }
 }
 
 /// Hook files libvirt would run that lead to `exe`, or to the qemu-chain
@@ -168,17 +227,10 @@ pub fn run(out: &mut dyn Write) -> Result<i32> {
             "no libvirtd or virtqemud runs: the hook is used from the daemon's next start".into(),
         );
     }
+    let reloads = read_reloads(&cfg.run_dir.join("reloaded"));
     for (name, pid) in &ds {
-        match (process_start(*pid), hook_time) {
-            (Some(start), Some(installed)) if installed > start => r.line(
-                Level::Warn,
-                format!(
-                    "the hook was installed after {name} (pid {pid}) started; unless the daemon was reloaded since, \
-                     it does not run it yet: `systemctl reload {name}` or `kill -HUP {pid}`"
-                ),
-            ),
-            _ => r.line(Level::Ok, format!("{name} (pid {pid}) runs")),
-        }
+        let (level, msg) = daemon_state(name, *pid, process_start(*pid), hook_time, &reloads);
+        r.line(level, msg);
     }
 
     // The store.
@@ -273,6 +325,53 @@ pub fn run(out: &mut dyn Write) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daemon_older_than_the_hook_is_ok_only_with_a_recorded_reload_of_that_pid() {
+        let rec = |n: &str, p: u32, t: i64| (n.to_owned(), p, t);
+        let lvl = |s: Option<i64>, h: Option<i64>, r: &[(String, u32, i64)]| {
+            daemon_state("libvirtd", 42, s, h, r).0
+        };
+        // Started after the hook: it read the hook at start.
+        assert_eq!(lvl(Some(200), Some(100), &[]), Level::Ok);
+        // Started before: only a reload of this daemon, after the install, counts.
+        assert_eq!(lvl(Some(100), Some(200), &[]), Level::Warn);
+        assert_eq!(
+            lvl(Some(100), Some(200), &[rec("libvirtd", 42, 199)]),
+            Level::Warn
+        );
+        assert_eq!(
+            lvl(Some(100), Some(200), &[rec("libvirtd", 7, 300)]),
+            Level::Warn
+        );
+        assert_eq!(
+            lvl(Some(100), Some(200), &[rec("virtqemud", 42, 300)]),
+            Level::Warn
+        );
+        assert_eq!(
+            lvl(Some(100), Some(200), &[rec("libvirtd", 42, 200)]),
+            Level::Ok
+        );
+    }
+
+    #[test]
+    fn reload_records_skip_bad_lines() {
+        let p = std::env::temp_dir().join(format!("swk-reloads-{}", std::process::id()));
+        std::fs::write(
+            &p,
+            "libvirtd 42 1000\ngarbage\nvirtqemud x 5\nvirtqemud 9 2000 extra\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_reloads(&p),
+            vec![
+                ("libvirtd".to_owned(), 42, 1000),
+                ("virtqemud".to_owned(), 9, 2000)
+            ]
+        );
+        std::fs::remove_file(&p).unwrap();
+        assert!(read_reloads(&p).is_empty());
+    }
 
     #[test]
     fn a_main_hook_linked_to_qemu_chain_beside_the_binary_counts_as_installed() {

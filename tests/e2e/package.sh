@@ -31,6 +31,8 @@ check "dpkg -i is idempotent (install twice)" quiet dpkg -i "$DEB"
 check "installed: the hook is in qemu.d, pointing at the binary" test "$(readlink -f /etc/libvirt/hooks/qemu.d/swtpm-keeper)" = /usr/libexec/swtpm-keeper/swtpm-keeper
 check "installed: the store is root 0700" test "$(stat -c %U:%a /var/lib/swtpm-keeper)" = root:700
 check "installed: the configuration is a conffile" sh -c "dpkg-query -W -f='\${Conffiles}' swtpm-keeper | grep -q /etc/swtpm-keeper/swtpm-keeper.conf"
+check "installed: check sees libvirtd running the hook (postinst reloaded it)" \
+    sh -c "swtpm-keeper check | grep -q '^ok   libvirtd (pid [0-9]*) runs'"
 check "installed: swtpm-keeper is on PATH with its man page" sh -c "command -v swtpm-keeper >/dev/null && [ -e /usr/share/man/man8/swtpm-keeper.8.gz ]"
 
 SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/run.sh"

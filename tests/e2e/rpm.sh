@@ -33,6 +33,8 @@ quiet rpm -i --nodeps "$RPM" || die "rpm -i failed"
 # Interrupted from here on, leave no package behind for the next run.
 trap 'rpm -e swtpm-keeper >/dev/null 2>&1' EXIT
 check "installed: %post reloaded the running libvirtd" grep -q "reloaded libvirtd" "$QUIET_LOG"
+check "installed: check sees libvirtd running the hook (%post reloaded it)" \
+    sh -c "/usr/sbin/swtpm-keeper check | grep -q '^ok   libvirtd (pid [0-9]*) runs'"
 check "installed: the hook is in qemu.d, pointing at the binary" test "$(readlink -f "$HOOK")" = "$BIN"
 check "installed: the store is root 0700" test "$(stat -c %U:%a /var/lib/swtpm-keeper)" = root:700
 check "installed: the store kept what it held" test -e "$SENTINEL/sentinel"
