@@ -2,7 +2,9 @@
 # Install (if missing) and start what the end-to-end suite drives: Debian's
 # libvirt, qemu, swtpm, rsyslog. Works with or without systemd.
 set -euo pipefail
-pkgs=(libvirt-daemon-system libvirt-clients qemu-system-x86 swtpm swtpm-tools rsyslog ovmf tpm2-tools git make)
+# build-essential: rustc links with cc, and cargo-fuzz builds libFuzzer (C++).
+pkgs=(libvirt-daemon-system libvirt-clients qemu-system-x86 swtpm swtpm-tools rsyslog ovmf tpm2-tools
+    git make build-essential curl ca-certificates)
 need=()
 for p in "${pkgs[@]}"; do
     [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = 'install ok installed' ] || need+=("$p")
