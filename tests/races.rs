@@ -4,24 +4,8 @@
 mod common;
 
 use common::*;
-use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
-
-fn spawn(h: &Host, args: &[&str], stdin: &[u8]) -> Child {
-    let mut c = Command::new(bin())
-        .args(args)
-        .env("SWTPM_KEEPER_CONFIG", &h.conf)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut si = c.stdin.take().unwrap();
-    let _ = si.write_all(stdin);
-    drop(si);
-    c
-}
 
 /// Replaces the state as swtpm does (temp file, rename). The `restore
 /// --force` running meanwhile swaps the whole directory out and deletes the
@@ -59,18 +43,12 @@ fn thirty_two_hook_runs_and_a_restore_and_prune_on_one_vm_are_serialized() {
         b[100] = i;
         replace_state(&d, &b);
         let op = if i % 2 == 0 { "stopped" } else { "release" };
-        children.push((
-            "hook",
-            spawn(&h, &["hook", "tpmtrans", op, "end", "-"], &xml),
-        ));
+        children.push(("hook", h.spawn(&["hook", "tpmtrans", op, "end", "-"], &xml)));
         if i == 10 {
-            children.push(("prune", spawn(&h, &["prune", "--keep", "5"], b"")));
+            children.push(("prune", h.spawn(&["prune", "--keep", "5"], b"")));
         }
         if i == 20 {
-            children.push((
-                "restore",
-                spawn(&h, &["restore", UUID_TRANS, "--force"], b""),
-            ));
+            children.push(("restore", h.spawn(&["restore", UUID_TRANS, "--force"], b"")));
         }
     }
     let mut restore_ok = false;
@@ -155,7 +133,7 @@ fn a_run_that_cannot_get_the_lock_in_time_says_so_and_exits_0() {
     let xml = fixture("tpm2-transient.stopped.xml");
     let t = Instant::now();
     let children: Vec<Child> = (0..8)
-        .map(|_| spawn(&h, &["hook", "tpmtrans", "stopped", "end", "-"], &xml))
+        .map(|_| h.spawn(&["hook", "tpmtrans", "stopped", "end", "-"], &xml))
         .collect();
     let mut logs: Vec<String> = Vec::new();
     for c in children {
@@ -234,11 +212,7 @@ fn two_hundred_vms_stopping_at_once_never_wait_on_each_other() {
     // All 200 at once (two pipes each stay open until reaped).
     raise_fd_limit();
     for (i, xml) in xmls.iter().enumerate() {
-        running.push(spawn(
-            &h,
-            &["hook", &format!("vm{i}"), "stopped", "end", "-"],
-            xml,
-        ));
+        running.push(h.spawn(&["hook", &format!("vm{i}"), "stopped", "end", "-"], xml));
     }
     finish(&mut running, &mut logs);
     let took = t.elapsed();

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 pub const UUID_EFI: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
@@ -108,13 +108,21 @@ impl Host {
         self.nvram_dir.join("efitest_VARS.fd")
     }
 
+    /// The program with this host's configuration.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args).env("SWTPM_KEEPER_CONFIG", &self.conf);
+        c
+    }
+
     pub fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
-        run_with(
-            Command::new(bin())
-                .args(args)
-                .env("SWTPM_KEEPER_CONFIG", &self.conf),
-            stdin,
-        )
+        run_with(&mut self.command(args), stdin)
+    }
+
+    /// Start it without waiting (for runs that overlap).
+    #[allow(dead_code)]
+    pub fn spawn(&self, args: &[&str], stdin: &[u8]) -> Child {
+        spawn_with(&mut self.command(args), stdin)
     }
 
     pub fn hook(&self, name: &str, op: &str, sub: &str, extra: &str, xml: &[u8]) -> Output {
@@ -173,19 +181,22 @@ impl Drop for Host {
     }
 }
 
-pub fn run_with(cmd: &mut Command, stdin: &[u8]) -> Output {
+/// Start `cmd` with its stdio piped, give it `stdin` and close that.
+pub fn spawn_with(cmd: &mut Command, stdin: &[u8]) -> Child {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    {
-        let mut si = child.stdin.take().unwrap();
-        // The hook may exit without reading (ignored events): EPIPE is fine.
-        let _ = si.write_all(stdin);
-    }
-    wait_with_deadline(child, Duration::from_secs(30))
+    let mut si = child.stdin.take().unwrap();
+    // The hook may exit without reading (ignored events): EPIPE is fine.
+    let _ = si.write_all(stdin);
+    child
+}
+
+pub fn run_with(cmd: &mut Command, stdin: &[u8]) -> Output {
+    wait_with_deadline(spawn_with(cmd, stdin), Duration::from_secs(30))
 }
 
 /// Write an executable script. A child process writes it: a write fd held
