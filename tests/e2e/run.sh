@@ -100,13 +100,14 @@ chmod 0755 "$SNAPHOOK"
 # gives no sign when done: restart it, so case 1 cannot race the reload.
 restart_libvirtd
 
-# domain_xml NAME UUID TPM(yes|no) [extra devices]
-# domain_xml NAME UUID TPM(yes|no|SECRET-UUID)
+# domain_xml NAME UUID TPM: TPM is yes, no, a secret's UUID (an encrypted
+# state) or a whole <tpm> element.
 domain_xml() {
     local tpm=""
     case "$3" in
         yes) tpm="<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>" ;;
         no) ;;
+        "<"*) tpm=$3 ;;
         *) tpm="<tpm model='tpm-crb'><backend type='emulator' version='2.0'><encryption secret='$3'/></backend></tpm>" ;;
     esac
     cat <<XML
@@ -424,16 +425,7 @@ fi
 # --- 12. libvirt >= 10.10: <source type='dir'> and type='file' state paths ---
 if version_ge "$LIBVIRT" 10.10.0; then
     src_xml() { # NAME UUID TYPE PATH
-        cat <<XML
-<domain type='qemu'>
-  <name>$1</name>
-  <uuid>$2</uuid>
-  <memory unit='MiB'>64</memory>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'><source type='$3' path='$4'/></backend></tpm>
-  <graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices>
-</domain>
-XML
+        domain_xml "$1" "$2" "<tpm model='tpm-crb'><backend type='emulator' version='2.0'><source type='$3' path='$4'/></backend></tpm>"
     }
     N=swk-e2e-srcdir U=5ee2e000-0000-4000-8000-000000000016 D=/var/lib/swk-e2e-tpmdir
     VMS+=("$N")
