@@ -139,12 +139,7 @@ fn fixture_store(test: &str) -> Host {
 fn list_json_matches_the_documented_schema() {
     let h = fixture_store("listjson");
     let out = h.run(&["list", "--json"], b"");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_golden("list.json", &stdout(&h, &out));
 }
 
@@ -190,12 +185,7 @@ fn an_empty_store_says_so() {
 fn show_json_matches_the_documented_schema() {
     let h = fixture_store("showjson");
     let out = h.run(&["show", "win11", "--json"], b"");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_golden("show-win11.json", &stdout(&h, &out));
 }
 
@@ -325,12 +315,7 @@ fn verify_passes_a_sound_store_and_names_every_damaged_generation() {
 fn restore_puts_the_newest_good_generation_back_for_a_stopped_vm() {
     let h = fixture_store("clirestore");
     let out = h.run(&["restore", "win11"], b"");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains(&format!("restored TPM 2.0 state from generation {G3}")));
     assert_eq!(
@@ -364,12 +349,7 @@ fn restore_of_a_chosen_generation_refuses_to_replace_without_force_and_keeps_the
     );
 
     let out = h.run(&["restore", "win11", "--generation", G1, "--force"], b"");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("captured first as generation 00000004-"));
     assert_eq!(
         std::fs::read(h.state_dir(A).join("tpm2-00.permall")).unwrap(),
@@ -398,12 +378,7 @@ fn restore_force_never_replaces_an_nvram_it_did_not_capture_first() {
     let vars = h.nvram_dir.join("win11_VARS.fd");
     std::fs::write(&vars, vec![7u8; 4096]).unwrap();
     let out = h.run(&["restore", "win11", "--generation", G1, "--force"], b"");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("exists and was kept"), "{text}");
     assert_eq!(std::fs::read(&vars).unwrap(), vec![7u8; 4096]);
@@ -448,12 +423,7 @@ fn restore_overrides_the_hooks_refusals_only_with_force() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("migrated to another host"));
     assert!(!h.state_dir(B).exists());
     let out = h.run(&["restore", B, "--force"], b"");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(h.state_dir(B).join("tpm2-00.permall").exists());
     // Not defined here: it says how to define it again.
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("swtpm-keeper show {B} --xml")));

@@ -74,12 +74,7 @@ fn thirty_two_hook_runs_and_a_restore_and_prune_on_one_vm_are_serialized() {
             ),
             _ => {
                 // restore --force replaces the live state after capturing it.
-                assert_eq!(
-                    out.status.code(),
-                    Some(0),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                assert_ok(&out);
                 restore_ok = true;
             }
         }

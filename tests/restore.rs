@@ -68,12 +68,7 @@ fn a_lost_state_and_nvram_come_back_as_the_pair_they_were() {
     h.logs();
 
     let out = prepare(&h, &h.efi_xml());
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let d = h.state_dir(UUID_EFI);
     assert_eq!(std::fs::read(d.join("tpm2-00.permall")).unwrap(), permall);
     assert_eq!(std::fs::read(h.nvram_path()).unwrap(), nvram);

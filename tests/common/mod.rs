@@ -195,6 +195,18 @@ pub fn spawn_with(cmd: &mut Command, stdin: &[u8]) -> Child {
     child
 }
 
+/// The run exited 0; if not, the failure shows its stderr.
+#[allow(dead_code)]
+#[track_caller]
+pub fn assert_ok(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn run_with(cmd: &mut Command, stdin: &[u8]) -> Output {
     wait_with_deadline(spawn_with(cmd, stdin), Duration::from_secs(30))
 }
