@@ -34,13 +34,14 @@ impl Report<'_> {
     }
 }
 
-/// Seconds since the epoch at which a process started.
-fn process_start(pid: u32) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// Seconds since the epoch at which a process started, from `proc`
+/// (`/proc`, or a fixture tree in tests).
+fn process_start(proc: &Path, pid: u32) -> Option<i64> {
+    let stat = std::fs::read_to_string(proc.join(pid.to_string()).join("stat")).ok()?;
     // Field 22 (starttime, in clock ticks since boot) counts from after ") ".
     let after = &stat[stat.rfind(')')? + 2..];
     let ticks: i64 = after.split_whitespace().nth(19)?.parse().ok()?;
-    let btime: i64 = std::fs::read_to_string("/proc/stat")
+    let btime: i64 = std::fs::read_to_string(proc.join("stat"))
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse().ok()))?;
@@ -49,19 +50,21 @@ fn process_start(pid: u32) -> Option<i64> {
     Some(btime + ticks / hz)
 }
 
-fn daemons() -> Vec<(String, u32)> {
+/// The libvirt daemons that run QEMU VMs, by name and pid, sorted by pid.
+fn daemons(proc: &Path) -> Vec<(String, u32)> {
     let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(proc).into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        if let Ok(comm) = std::fs::read_to_string(e.path().join("comm")) {
             let comm = comm.trim();
             if comm == "libvirtd" || comm == "virtqemud" {
                 v.push((comm.to_owned(), pid));
             }
         }
     }
+    v.sort_by_key(|(_, pid)| *pid);
     v
 }
 
@@ -143,179 +146,179 @@ fn installed_hooks(hooks_dir: &Path, exe: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-pub fn run(out: &mut dyn Write) -> Result<i32> {
-    let mut r = Report { out, fixes: 0 };
+/// One line of the report.
+type Finding = (Level, String);
+
+/// The configuration, and how it reads. A broken file is a finding, and
+/// the checks that follow use the defaults.
+fn check_config() -> Result<(Config, Finding)> {
     config::require_named()?;
     let path = config::path();
-    let cfg = match config::load_current() {
+    Ok(match config::load_current() {
         Ok(c) => {
             let state = if path.exists() {
                 "is valid"
             } else {
                 "does not exist: the defaults apply"
             };
-            r.line(
-                Level::Ok,
-                format!("configuration {} {state}", path.display()),
-            );
-            c
+            let line = format!("configuration {} {state}", path.display());
+            (c, (Level::Ok, line))
         }
-        Err(e) => {
-            r.line(
+        Err(e) => (
+            Config::default(),
+            (
                 Level::Fix,
                 format!("{e}; the checks below use the defaults"),
-            );
-            Config::default()
-        }
-    };
+            ),
+        ),
+    })
+}
+
+/// The hook files libvirt runs that lead to `exe`, each executable or not,
+/// and the newest time one of them was installed.
+fn check_hooks(hooks_dir: &Path, exe: &Path) -> (Vec<Finding>, Option<i64>) {
+    let hooks = installed_hooks(hooks_dir, exe);
+    if hooks.is_empty() {
+        let line = format!(
+            "no hook in {} leads to {}: run `make install`, or `ln -s {} {}/qemu.d/swtpm-keeper`",
+            hooks_dir.display(),
+            exe.display(),
+            exe.display(),
+            hooks_dir.display()
+        );
+        return (vec![(Level::Fix, line)], None);
+    }
+    let mut found = Vec::new();
+    let mut hook_time = 0;
+    for h in &hooks {
+        let exec = std::fs::metadata(h)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false);
+        found.push(if exec {
+            (
+                Level::Ok,
+                format!("hook {} runs {}", h.display(), exe.display()),
+            )
+        } else {
+            let fix = format!("chmod 0755 {}", exe.display());
+            let line = format!("hook {} is not an executable file: {fix}", h.display());
+            (Level::Fix, line)
+        });
+        let installed = std::fs::symlink_metadata(h).map(|m| m.ctime()).unwrap_or(0);
+        hook_time = hook_time.max(installed);
+    }
+    (found, Some(hook_time))
+}
+
+/// Does each running daemon run the hook? libvirt reads its hook list at
+/// start and on reload.
+fn check_daemons(
+    proc: &Path,
+    hook_time: Option<i64>,
+    reloads: &[(String, u32, i64)],
+) -> Vec<Finding> {
+    let ds = daemons(proc);
+    if ds.is_empty() {
+        let line = "no libvirtd or virtqemud runs: the hook is used from the daemon's next start";
+        return vec![(Level::Warn, line.into())];
+    }
+    ds.iter()
+        .map(|(name, pid)| daemon_state(name, *pid, process_start(proc, *pid), hook_time, reloads))
+        .collect()
+}
+
+/// The store holds every VM's TPM: root's alone, a real directory.
+fn check_store(store: &Path) -> Finding {
+    let shown = store.display();
+    match std::fs::symlink_metadata(store) {
+        Err(_) => (
+            Level::Warn,
+            format!("store {shown} does not exist yet: the first capture creates it"),
+        ),
+        Ok(md) if md.file_type().is_symlink() || !md.is_dir() => (
+            Level::Fix,
+            format!("store {shown} is not a directory (a symlink?): make it a directory"),
+        ),
+        Ok(md) if md.uid() != 0 || md.mode() & 0o077 != 0 => (
+            Level::Fix,
+            format!(
+                "store {shown} is owned by uid {} with mode {:04o}: it holds every VM's TPM; \
+                 chown root:root {shown} && chmod 0700 {shown}",
+                md.uid(),
+                md.mode() & 0o7777
+            ),
+        ),
+        Ok(md) => (
+            Level::Ok,
+            format!("store {shown} is root's, mode {:04o}", md.mode() & 0o7777),
+        ),
+    }
+}
+
+/// The hook's log lines reach syslog only if something listens.
+fn check_syslog(socket: &Path) -> Finding {
+    let reachable = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| s.connect(socket))
+        .is_ok();
+    if reachable {
+        (Level::Ok, format!("syslog listens at {}", socket.display()))
+    } else {
+        let line = format!(
+            "nothing listens at {}: the hook's log lines go to stderr, which libvirt discards; start rsyslog or journald",
+            socket.display()
+        );
+        (Level::Fix, line)
+    }
+}
+
+/// The owners restored files will get, from qemu.conf.
+fn check_owners(qemu_conf: &Path) -> Vec<Finding> {
+    let qc = QemuConf::load(qemu_conf);
+    [
+        ("TPM state", "swtpm_user", &qc.swtpm_user, qc.swtpm_owner()),
+        ("NVRAM", "user", &qc.user, qc.qemu_owner()),
+    ]
+    .into_iter()
+    .map(|(what, key, value, owner)| match value {
+        Some(u) if qemuconf::lookup_user(u).is_none() => (
+            Level::Fix,
+            format!(
+                "{key} = {u:?} in {} is no user on this host",
+                qemu_conf.display()
+            ),
+        ),
+        _ => (
+            Level::Ok,
+            format!(
+                "restored {what} will be owned by {} ({}:{})",
+                owner.desc, owner.uid, owner.gid
+            ),
+        ),
+    })
+    .collect()
+}
+
+pub fn run(out: &mut dyn Write) -> Result<i32> {
+    let mut r = Report { out, fixes: 0 };
+    let (cfg, config_line) = check_config()?;
+    let mut findings = vec![config_line];
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        r.line(
-            Level::Warn,
-            "not run as root: some checks may be incomplete".into(),
-        );
+        let line = "not run as root: some checks may be incomplete";
+        findings.push((Level::Warn, line.into()));
     }
-
-    // The hook, where libvirt looks for it.
     let exe = std::env::current_exe()
         .and_then(std::fs::canonicalize)
         .unwrap_or_default();
-    let hooks = installed_hooks(&cfg.libvirt_hooks_dir, &exe);
-    let mut hook_time = None;
-    if hooks.is_empty() {
-        r.line(
-            Level::Fix,
-            format!(
-                "no hook in {} leads to {}: run `make install`, or `ln -s {} {}/qemu.d/swtpm-keeper`",
-                cfg.libvirt_hooks_dir.display(),
-                exe.display(),
-                exe.display(),
-                cfg.libvirt_hooks_dir.display()
-            ),
-        );
-    }
-    for h in &hooks {
-        let md = std::fs::metadata(h);
-        let exec = md
-            .as_ref()
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false);
-        if exec {
-            r.line(
-                Level::Ok,
-                format!("hook {} runs {}", h.display(), exe.display()),
-            );
-        } else {
-            r.line(
-                Level::Fix,
-                format!(
-                    "hook {} is not an executable file: chmod 0755 {}",
-                    h.display(),
-                    exe.display()
-                ),
-            );
-        }
-        let installed = std::fs::symlink_metadata(h).map(|m| m.ctime()).unwrap_or(0);
-        hook_time = Some(hook_time.unwrap_or(0).max(installed));
-    }
-
-    // The daemon: libvirt reads its hook list at start and on reload.
-    let ds = daemons();
-    if ds.is_empty() {
-        r.line(
-            Level::Warn,
-            "no libvirtd or virtqemud runs: the hook is used from the daemon's next start".into(),
-        );
-    }
+    let (hooks, hook_time) = check_hooks(&cfg.libvirt_hooks_dir, &exe);
+    findings.extend(hooks);
     let reloads = read_reloads(&cfg.run_dir.join("reloaded"));
-    for (name, pid) in &ds {
-        let (level, msg) = daemon_state(name, *pid, process_start(*pid), hook_time, &reloads);
-        r.line(level, msg);
-    }
-
-    // The store.
-    match std::fs::symlink_metadata(&cfg.store_dir) {
-        Err(_) => r.line(
-            Level::Warn,
-            format!(
-                "store {} does not exist yet: the first capture creates it",
-                cfg.store_dir.display()
-            ),
-        ),
-        Ok(md) if md.file_type().is_symlink() || !md.is_dir() => r.line(
-            Level::Fix,
-            format!(
-                "store {} is not a directory (a symlink?): make it a directory",
-                cfg.store_dir.display()
-            ),
-        ),
-        Ok(md) => {
-            let mode = md.mode() & 0o7777;
-            if md.uid() != 0 || mode & 0o077 != 0 {
-                r.line(
-                    Level::Fix,
-                    format!(
-                        "store {} is owned by uid {} with mode {mode:04o}: it holds every VM's TPM; \
-                         chown root:root {} && chmod 0700 {}",
-                        cfg.store_dir.display(),
-                        md.uid(),
-                        cfg.store_dir.display(),
-                        cfg.store_dir.display()
-                    ),
-                );
-            } else {
-                r.line(
-                    Level::Ok,
-                    format!(
-                        "store {} is root's, mode {mode:04o}",
-                        cfg.store_dir.display()
-                    ),
-                );
-            }
-        }
-    }
-
-    // syslog.
-    let reachable = std::os::unix::net::UnixDatagram::unbound()
-        .and_then(|s| s.connect(&cfg.syslog_socket))
-        .is_ok();
-    if reachable {
-        r.line(
-            Level::Ok,
-            format!("syslog listens at {}", cfg.syslog_socket.display()),
-        );
-    } else {
-        r.line(
-            Level::Fix,
-            format!(
-                "nothing listens at {}: the hook's log lines go to stderr, which libvirt discards; start rsyslog or journald",
-                cfg.syslog_socket.display()
-            ),
-        );
-    }
-
-    // Owners of restored files.
-    let qc = QemuConf::load(&cfg.qemu_conf);
-    for (what, key, value, owner) in [
-        ("TPM state", "swtpm_user", &qc.swtpm_user, qc.swtpm_owner()),
-        ("NVRAM", "user", &qc.user, qc.qemu_owner()),
-    ] {
-        match value {
-            Some(u) if qemuconf::lookup_user(u).is_none() => r.line(
-                Level::Fix,
-                format!(
-                    "{key} = {u:?} in {} is no user on this host",
-                    cfg.qemu_conf.display()
-                ),
-            ),
-            _ => r.line(
-                Level::Ok,
-                format!(
-                    "restored {what} will be owned by {} ({}:{})",
-                    owner.desc, owner.uid, owner.gid
-                ),
-            ),
-        }
+    findings.extend(check_daemons(Path::new("/proc"), hook_time, &reloads));
+    findings.push(check_store(&cfg.store_dir));
+    findings.push(check_syslog(&cfg.syslog_socket));
+    findings.extend(check_owners(&cfg.qemu_conf));
+    for (level, line) in findings {
+        r.line(level, line);
     }
     let _ = writeln!(r.out, "{} to fix", r.fixes);
     let _ = r.out.flush().map_err(|e| Error::failed(e.to_string()));
@@ -392,6 +395,79 @@ mod tests {
             installed_hooks(&hooks, &exe),
             vec![hooks.join("qemu"), hooks.join("qemu.d/swtpm-keeper")]
         );
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    /// A /proc tree with one process: `comm`, started `ticks` after boot.
+    fn fake_proc(test: &str, pid: u32, comm: &str, ticks: i64) -> PathBuf {
+        let t = std::env::temp_dir().join(format!("swk-proc-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        std::fs::create_dir_all(t.join(pid.to_string())).unwrap();
+        std::fs::create_dir_all(t.join("self")).unwrap();
+        std::fs::write(t.join("stat"), "cpu  1 2 3\nbtime 1000000\n").unwrap();
+        std::fs::write(t.join(pid.to_string()).join("comm"), format!("{comm}\n")).unwrap();
+        // Fields after ") ": state is the 3rd, starttime the 22nd.
+        let fields: Vec<String> = (3..=21).map(|i| i.to_string()).collect();
+        let stat = format!("{pid} ({comm}) {} {ticks} 0 0\n", fields.join(" "));
+        std::fs::write(t.join(pid.to_string()).join("stat"), stat).unwrap();
+        t
+    }
+
+    #[test]
+    fn daemons_are_found_by_name_in_proc_and_dated_from_their_start() {
+        let t = fake_proc("daemons", 4242, "libvirtd", 500 * 100);
+        assert_eq!(daemons(&t), vec![("libvirtd".to_owned(), 4242)]);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as i64;
+        assert_eq!(process_start(&t, 4242), Some(1_000_000 + 500 * 100 / hz));
+        std::fs::remove_dir_all(&t).unwrap();
+        let t = fake_proc("other", 4243, "bash", 1);
+        assert!(daemons(&t).is_empty());
+        let found = check_daemons(&t, None, &[]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, Level::Warn, "no daemon runs: {}", found[0].1);
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn a_daemon_started_before_the_hook_is_a_warning_with_the_reload_command() {
+        let t = fake_proc("older", 77, "virtqemud", 0);
+        let found = check_daemons(&t, Some(2_000_000), &[]);
+        assert_eq!(found[0].0, Level::Warn);
+        assert!(found[0].1.contains("kill -HUP 77"), "{}", found[0].1);
+        let found = check_daemons(&t, Some(900_000), &[]);
+        assert_eq!(found[0].0, Level::Ok, "{}", found[0].1);
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn the_store_must_be_a_real_directory_that_only_root_can_read() {
+        let t = std::env::temp_dir().join(format!("swk-check-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        assert_eq!(check_store(&t).0, Level::Warn, "missing: created later");
+        std::fs::create_dir_all(t.join("store")).unwrap();
+        std::os::unix::fs::symlink(t.join("store"), t.join("link")).unwrap();
+        assert_eq!(check_store(&t.join("link")).0, Level::Fix);
+        std::fs::set_permissions(t.join("store"), PermissionsExt::from_mode(0o755)).unwrap();
+        assert_eq!(check_store(&t.join("store")).0, Level::Fix);
+        std::fs::set_permissions(t.join("store"), PermissionsExt::from_mode(0o700)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let expect = if root { Level::Ok } else { Level::Fix };
+        assert_eq!(check_store(&t.join("store")).0, expect);
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn no_hook_leading_to_the_binary_is_one_finding_to_fix_with_the_command() {
+        let t = std::env::temp_dir().join(format!("swk-check-nohook-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        std::fs::create_dir_all(t.join("hooks/qemu.d")).unwrap();
+        let (found, time) = check_hooks(&t.join("hooks"), Path::new("/usr/libexec/x/swtpm-keeper"));
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, Level::Fix);
+        assert!(found[0].1.contains("ln -s"), "{}", found[0].1);
+        assert_eq!(time, None);
         std::fs::remove_dir_all(&t).unwrap();
     }
 }
