@@ -18,4 +18,4 @@ pub mod qemuconf; // owners of restored files, from qemu.conf
 pub mod restore; // putting a state back at prepare
 pub mod store; // generations on disk
 pub mod swtpm; // swtpm's files: names, headers, liveness
-pub mod users; // user, group and host names
+pub mod users; // accounts (user and group names and ids) and the host name

@@ -2,8 +2,9 @@
 //! `/etc/libvirt/qemu.conf`: `swtpm_user`/`swtpm_group` for the TPM state,
 //! `user`/`group` for the NVRAM. Only these keys are read.
 
-use std::ffi::CString;
 use std::path::Path;
+
+use crate::users;
 
 /// (uid, gid) and the names they came from, for log lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,33 +106,20 @@ fn owner(
     }
 }
 
-/// A name, or `+N` for a numeric id (libvirt's syntax).
+/// A user name, or `+N` for a numeric id (libvirt's syntax).
 pub fn lookup_user(name: &str) -> Option<u32> {
-    if let Some(n) = name.strip_prefix('+') {
-        return n.parse().ok();
+    match name.strip_prefix('+') {
+        Some(n) => n.parse().ok(),
+        None => users::user_id(name),
     }
-    let c = CString::new(name).ok()?;
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut out: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: all pointers valid for the call.
-    let rc =
-        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
-    (rc == 0 && !out.is_null()).then_some(pw.pw_uid)
 }
 
+/// A group name, or `+N` for a numeric id.
 pub fn lookup_group(name: &str) -> Option<u32> {
-    if let Some(n) = name.strip_prefix('+') {
-        return n.parse().ok();
+    match name.strip_prefix('+') {
+        Some(n) => n.parse().ok(),
+        None => users::group_id(name),
     }
-    let c = CString::new(name).ok()?;
-    let mut gr: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut out: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: as above.
-    let rc =
-        unsafe { libc::getgrnam_r(c.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut out) };
-    (rc == 0 && !out.is_null()).then_some(gr.gr_gid)
 }
 
 #[cfg(test)]
