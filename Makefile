@@ -2,6 +2,8 @@
 #   make                      build the release binary (cargo)
 #   make install              install (as root); DESTDIR, PREFIX, ... below
 #   make uninstall            remove what install put in place; the store stays
+#   make test                 the unprivileged tests (cargo test; any user)
+#   make lint                 cargo fmt --check and cargo clippy -D warnings
 #   make check                every test, hermetic and against a real libvirtd
 #                             (as root on Debian 12; installs what it needs)
 # Packagers: `make && make install DESTDIR=$pkgdir PREFIX=/usr` (see
@@ -29,14 +31,16 @@ MAINHOOK = $(SYSCONFDIR)/libvirt/hooks/qemu
 CONFDIR  = $(SYSCONFDIR)/swtpm-keeper
 STOREDIR = $(LOCALSTATEDIR)/lib/swtpm-keeper
 
-.PHONY: all build install uninstall check clean deb rpm dist
+.PHONY: all build install uninstall test lint check clean deb rpm dist
 
 all: build
 
 build:
 	$(CARGO) build --release $(CARGOFLAGS)
 
-$(BIN):
+# Rebuilt whenever a source changes, so `make install` never installs a
+# stale binary.
+$(BIN): Cargo.toml Cargo.lock $(shell find src -name '*.rs')
 	$(CARGO) build --release $(CARGOFLAGS)
 
 install: $(BIN)
@@ -67,6 +71,13 @@ uninstall:
 	@case "$$(readlink $(DESTDIR)$(MAINHOOK) 2>/dev/null)" in */swtpm-keeper/qemu-chain) \
 	    echo "$(MAINHOOK) still links to the removed qemu-chain: mv $(MAINHOOK).orig $(MAINHOOK)" >&2;; esac
 	@if [ -z "$(DESTDIR)" ]; then packaging/reload-libvirt; fi
+
+test:
+	$(CARGO) test $(CARGOFLAGS)
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy $(CARGOFLAGS) --all-targets -- -D warnings
 
 check:
 	tests/run-all

@@ -22,5 +22,5 @@ want=$(awk '{print $1}' "$tmp/rustup-init.sha256")
 got=$(sha256sum "$tmp/rustup-init" | awk '{print $1}')
 [ -n "$want" ] && [ "$want" = "$got" ] || { echo "install-rust: rustup-init checksum mismatch ($got, want $want)" >&2; exit 1; }
 chmod +x "$tmp/rustup-init"
-"$tmp/rustup-init" -y -q --no-modify-path --profile minimal --default-toolchain "$TOOLCHAIN"
+"$tmp/rustup-init" -y -q --no-modify-path --profile minimal --component clippy --component rustfmt --default-toolchain "$TOOLCHAIN"
 echo "install-rust: $("${CARGO_HOME:-$HOME/.cargo}/bin/cargo" --version)"
