@@ -16,6 +16,7 @@ pub mod logging; // syslog through the `log` facade
 pub mod manifest; // manifest.json and SHA256SUMS
 pub mod qemuconf; // owners of restored files, from qemu.conf
 pub mod restore; // putting a state back at prepare
+pub mod running; // running VMs, from libvirt's status files
 pub mod store; // generations on disk
 pub mod swtpm; // swtpm's files: names, headers, liveness
 pub mod users; // accounts (user and group names and ids) and the host name
