@@ -80,7 +80,10 @@ fn alive(pid: u32) -> bool {
         return false;
     };
     // SAFETY: signal 0 sends nothing; it only asks whether the process exists.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    let rc = unsafe { libc::kill(pid, 0) };
+    // EPERM: it exists, as another user (QEMU runs as the qemu user) and
+    // this process lacks CAP_KILL, as under the capture service.
+    pid > 0 && (rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// Read a status document: the `<domstatus>` attributes, its job, and the
