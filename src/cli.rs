@@ -131,6 +131,8 @@ Run as libvirt runs a QEMU hook, with the domain XML on stdin. The same
 happens when the program is run as .../hooks/qemu or from .../hooks/qemu.d/.
 stopped/end, release/end: capture; prepare/begin: restore a lost state;
 migrate/begin, restore/begin: note an incoming state; others: nothing.
+Every argument after `hook` is libvirt's, also one that looks like an
+option (a VM may be named --help); only `hook --help` alone shows this.
 ";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -252,109 +254,145 @@ pub fn parse(args: &[String]) -> Result<Command> {
         }
     };
     let rest = &args[1..];
+    if cmd == "hook" {
+        return parse_hook(rest);
+    }
     if rest.iter().any(|a| a == "-h" || a == "--help") {
         return Ok(Command::Help(help));
     }
-    if cmd == "hook" {
-        if rest.len() < 2 || rest.len() > 4 {
-            return Err(usage(cmd, "hook takes <domain> <op> <sub-op> <extra>"));
+    let opts = Options::parse(cmd, rest)?;
+    build(cmd, opts)
+}
+
+/// After `hook`, every argument is libvirt's, taken as it comes: a VM may
+/// be named `--help`. Only `hook --help` alone asks for help (libvirt
+/// always passes four arguments).
+fn parse_hook(rest: &[String]) -> Result<Command> {
+    if let [only] = rest {
+        if only == "-h" || only == "--help" {
+            return Ok(Command::Help(HOOK_HELP));
         }
-        return Ok(Command::Hook(HookArgs::from_args(rest)));
+    }
+    if rest.len() < 2 || rest.len() > 4 {
+        return Err(usage("hook", "hook takes <domain> <op> <sub-op> <extra>"));
+    }
+    Ok(Command::Hook(HookArgs::from_args(rest)))
+}
+
+/// The options and arguments of the commands but `hook`, as given.
+#[derive(Default)]
+struct Options {
+    json: bool,
+    force: bool,
+    dry_run: bool,
+    xml: Option<Option<String>>,
+    generation: Option<String>,
+    keep: Option<usize>,
+    older: Option<u64>,
+    vms: Vec<String>,
+    positional: Vec<String>,
+}
+
+impl Options {
+    fn parse(cmd: &str, rest: &[String]) -> Result<Options> {
+        let mut o = Options::default();
+        let mut it = rest.iter();
+        while let Some(arg) = it.next() {
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) if n.starts_with("--") => (n, Some(v.to_owned())),
+                _ => (arg.as_str(), None),
+            };
+            match (cmd, name) {
+                ("list" | "show", "--json") => o.json = true,
+                ("show", "--xml") => {
+                    // The generation is optional: `--xml=GEN`, or a generation name next.
+                    let next = it
+                        .as_slice()
+                        .first()
+                        .filter(|n| crate::store::is_generation_name(n))
+                        .cloned();
+                    if next.is_some() {
+                        it.next();
+                    }
+                    o.xml = Some(inline.or(next));
+                }
+                ("restore", "--generation" | "-g") => {
+                    o.generation = Some(value(cmd, name, inline, &mut it)?)
+                }
+                ("restore", "--force" | "-f") => o.force = true,
+                ("prune", "--keep") => {
+                    o.keep = Some(number(cmd, name, &value(cmd, name, inline, &mut it)?)?)
+                }
+                ("prune", "--older-than") => {
+                    o.older = Some(number(cmd, name, &value(cmd, name, inline, &mut it)?)?)
+                }
+                ("prune", "--vm") => o.vms.push(value(cmd, name, inline, &mut it)?),
+                ("prune", "--dry-run" | "-n") => o.dry_run = true,
+                (_, n) if n.starts_with('-') && n.len() > 1 => {
+                    return Err(usage(cmd, format!("unknown option {n}")))
+                }
+                _ => o.positional.push(arg.clone()),
+            }
+        }
+        Ok(o)
     }
 
-    let (mut json, mut force, mut dry_run) = (false, false, false);
-    let mut xml: Option<Option<String>> = None;
-    let (mut generation, mut keep, mut older) = (None, None, None);
-    let (mut vms, mut positional) = (Vec::new(), Vec::new());
-    let mut it = rest.iter();
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_owned())),
-            _ => (arg.as_str(), None),
-        };
-        match (cmd, name) {
-            ("list" | "show", "--json") => json = true,
-            ("show", "--xml") => {
-                // The generation is optional: `--xml=GEN`, or a generation name next.
-                let next = it
-                    .as_slice()
-                    .first()
-                    .filter(|n| crate::store::is_generation_name(n))
-                    .cloned();
-                if next.is_some() {
-                    it.next();
-                }
-                xml = Some(inline.or(next));
-            }
-            ("restore", "--generation" | "-g") => {
-                generation = Some(value(cmd, name, inline, &mut it)?)
-            }
-            ("restore", "--force" | "-f") => force = true,
-            ("prune", "--keep") => {
-                keep = Some(number(cmd, name, &value(cmd, name, inline, &mut it)?)?)
-            }
-            ("prune", "--older-than") => {
-                older = Some(number(cmd, name, &value(cmd, name, inline, &mut it)?)?)
-            }
-            ("prune", "--vm") => vms.push(value(cmd, name, inline, &mut it)?),
-            ("prune", "--dry-run" | "-n") => dry_run = true,
-            (_, n) if n.starts_with('-') && n.len() > 1 => {
-                return Err(usage(cmd, format!("unknown option {n}")))
-            }
-            _ => positional.push(arg.clone()),
-        }
-    }
-    let one_vm = |positional: Vec<String>| -> Result<String> {
-        match <[String; 1]>::try_from(positional) {
-            Ok([vm]) => Ok(vm),
-            Err(v) if v.is_empty() => Err(usage(cmd, "name the VM (its name or UUID)")),
-            Err(_) => Err(usage(cmd, "name exactly one VM")),
-        }
-    };
-    let none = |positional: &[String]| -> Result<()> {
-        match positional.first() {
+    fn no_positional(&self, cmd: &str) -> Result<()> {
+        match self.positional.first() {
             Some(p) => Err(usage(cmd, format!("unexpected argument {p:?}"))),
             None => Ok(()),
         }
-    };
+    }
+}
+
+fn one_vm(cmd: &str, positional: Vec<String>) -> Result<String> {
+    match <[String; 1]>::try_from(positional) {
+        Ok([vm]) => Ok(vm),
+        Err(v) if v.is_empty() => Err(usage(cmd, "name the VM (its name or UUID)")),
+        Err(_) => Err(usage(cmd, "name exactly one VM")),
+    }
+}
+
+/// The command from its options, checked together.
+fn build(cmd: &str, o: Options) -> Result<Command> {
     Ok(match cmd {
         "list" => {
-            none(&positional)?;
-            Command::List { json }
+            o.no_positional(cmd)?;
+            Command::List { json: o.json }
         }
         "show" => {
-            if json && xml.is_some() {
+            if o.json && o.xml.is_some() {
                 return Err(usage(cmd, "--json and --xml do not go together"));
             }
             Command::Show {
-                vm: one_vm(positional)?,
-                json,
-                xml,
+                vm: one_vm(cmd, o.positional)?,
+                json: o.json,
+                xml: o.xml,
             }
         }
-        "verify" => Command::Verify { vms: positional },
+        "verify" => Command::Verify { vms: o.positional },
         "restore" => Command::Restore {
-            vm: one_vm(positional)?,
-            generation,
-            force,
+            vm: one_vm(cmd, o.positional)?,
+            generation: o.generation,
+            force: o.force,
         },
         "prune" => {
-            none(&positional)?;
-            if keep.is_none() && older.is_none() {
+            o.no_positional(cmd)?;
+            if o.keep.is_none() && o.older.is_none() {
                 return Err(usage(
                     cmd,
                     "say what to remove: --keep N and/or --older-than DAYS",
                 ));
             }
             Command::Prune {
-                keep,
-                older_than_days: older,
-                vms,
-                dry_run,
+                keep: o.keep,
+                older_than_days: o.older,
+                vms: o.vms,
+                dry_run: o.dry_run,
             }
         }
         "check" => {
-            none(&positional)?;
+            o.no_positional(cmd)?;
             Command::Check
         }
         _ => unreachable!("help_of knows only these"),
@@ -512,6 +550,40 @@ mod tests {
         ] {
             assert_eq!(inv(bad).unwrap_err().kind, Kind::Usage, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn hook_arguments_are_libvirts_even_when_they_look_like_options() {
+        for name in [
+            "--help",
+            "-h",
+            "--version",
+            "-V",
+            "--config",
+            "-c",
+            "--json",
+        ] {
+            match p(&["hook", name, "stopped", "end", "-"]).unwrap() {
+                Command::Hook(h) => assert_eq!(
+                    (h.name.as_str(), h.op.as_str(), h.extra.as_str()),
+                    (name, "stopped", "-")
+                ),
+                c => panic!("{name}: {c:?}"),
+            }
+            let i = inv(&["hook", name, "stopped", "end", "-"]).unwrap();
+            assert_eq!(i.config, None, "{name}");
+            assert!(matches!(i.command, Command::Hook(h) if h.name == name));
+        }
+        // Any argument may look like one, not only the name.
+        match p(&["hook", "vm", "--help", "-h", "--help"]).unwrap() {
+            Command::Hook(h) => assert_eq!(
+                (h.op, h.sub_op, h.extra),
+                ("--help".into(), "-h".into(), "--help".into())
+            ),
+            c => panic!("{c:?}"),
+        }
+        // `hook --help` alone (libvirt always passes four) still helps.
+        assert_eq!(p(&["hook", "-h"]).unwrap(), Command::Help(HOOK_HELP));
     }
 
     #[test]

@@ -201,9 +201,25 @@ impl<'a> Job<'a> {
         }
     }
 
+    /// `stopped`/`release`: keep the state, then settle the marks that
+    /// decide what a later start on this host does.
     fn capture(&self) {
+        let result = capture::capture(&self.cfg, &self.domain, &self.tpm, &self.event(), &self.xml);
+        // A stored or unchanged state got the migrated mark with it.
+        let marked = matches!(
+            result,
+            Ok(Outcome::Stored { .. } | Outcome::Unchanged { .. })
+        );
+        self.log_capture(result);
+        if self.args.extra == "migrated" && !marked {
+            self.mark_migrated_away();
+        }
+        self.clear_incoming();
+    }
+
+    fn log_capture(&self, result: crate::error::Result<Outcome>) {
         let who = &self.who;
-        match capture::capture(&self.cfg, &self.domain, &self.tpm, &self.event(), &self.xml) {
+        match result {
             Ok(Outcome::Stored {
                 generation,
                 path,
@@ -254,12 +270,49 @@ impl<'a> Job<'a> {
         }
     }
 
+    /// A stop with reason `migrated` that stored nothing: the copies kept
+    /// here are stale all the same.
+    fn mark_migrated_away(&self) {
+        match restore::mark_migrated_away(&self.cfg, &self.domain) {
+            Ok(Some(generation)) => log::info!(
+                "{}: generation {generation} marked as migrated away: it will not be restored on this host",
+                self.who
+            ),
+            Ok(None) => {}
+            Err(e) => log::error!(
+                "{}: could not mark the stored state as migrated away: {e}; if the VM starts here with its state gone, the stale copy may be restored",
+                self.who
+            ),
+        }
+    }
+
+    /// A stop ends any incoming migration or restore noted on this host,
+    /// whether or not its `prepare` ran.
+    fn clear_incoming(&self) {
+        match restore::clear_incoming(&self.cfg, &self.domain) {
+            Ok(true) => log::info!(
+                "{}: cleared this host's incoming mark: the incoming migration or restore ended; the next start restores as usual",
+                self.who
+            ),
+            Ok(false) => {}
+            Err(e) => log::warn!(
+                "{}: could not clear this host's incoming mark: {e}; a start within {} s may not restore",
+                self.who,
+                restore::INCOMING_WINDOW_SECS
+            ),
+        }
+    }
+
     fn note_incoming(&self) {
         match restore::note_incoming(&self.cfg, &self.domain, &self.args.op) {
-            Ok(()) => log::info!(
+            Ok(true) => log::info!(
                 "{}: incoming TPM state (it arrives in the {} stream); the prepare that follows will not restore",
                 self.who,
                 if self.args.op == "migrate" { "migration" } else { "save image" }
+            ),
+            Ok(false) => log::debug!(
+                "{}: incoming TPM state; the store holds nothing for this VM, nothing noted",
+                self.who
             ),
             Err(e) => log::error!(
                 "{}: could not note the incoming state: {e}; if libvirt's state dir is empty at prepare, an old copy may be restored",
@@ -301,8 +354,10 @@ impl<'a> Job<'a> {
                 );
                 0
             }
-            Ok(RestoreOutcome::Incoming { event }) => {
-                log::info!("{who}: not restoring: the TPM state arrives with the incoming {event}");
+            Ok(RestoreOutcome::Incoming { event, age_secs }) => {
+                log::info!(
+                    "{who}: not restoring: the TPM state arrives with the incoming {event} (noted {age_secs} s ago)"
+                );
                 0
             }
             Ok(RestoreOutcome::Nothing(why)) => {

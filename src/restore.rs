@@ -23,9 +23,24 @@ use crate::store::{Loaded, Store, VmStore};
 use crate::swtpm::{self, StateLocation};
 use crate::users;
 
-/// A marker left at `migrate begin`/`restore begin` counts for this long:
-/// the `prepare` it is for follows within seconds.
-const INCOMING_WINDOW_SECS: i64 = 15 * 60;
+/// How long a mark left at `migrate begin`/`restore begin` keeps a
+/// `prepare` from restoring, as the last guard: the mark is normally used
+/// up by the `prepare` of its own operation, or cleared by the
+/// `stopped`/`release` of a failed one. It outlives its operation only when
+/// neither follows: an offline migration (`qemuMigrationDstPrepareFresh`
+/// runs the migrate hook, then skips `qemuMigrationDstPrepareActive`; no
+/// later hook runs), or a failure before `qemuProcessInit` runs the prepare
+/// hook (cookie, domain already active, storage pre-creation, QEMU
+/// capabilities). Between the two hooks of one operation libvirt (read in
+/// 9.0 and 11.3) parses XML and cookie, may wait for the domain's job (at
+/// most `VIR_JOB_WAIT_TIME`, 30 s), may probe QEMU's capabilities (seconds)
+/// and creates missing disks of a copy-storage migration (fallocate, fast;
+/// zero-filled where the filesystem has none). 45 s covers all but that
+/// zero fill and slow hooks that run between ours, with a margin. A later
+/// `prepare` restores as a plain start does (a refusal then aborts the
+/// migration); an earlier start after an offline migration restores
+/// nothing.
+pub const INCOMING_WINDOW_SECS: i64 = 45;
 pub const MIGRATED_MARKER: &str = "migrated-away.json";
 const TMP_PREFIX: &str = ".swtpm-keeper-";
 
@@ -48,8 +63,9 @@ pub enum Outcome {
     },
     /// Nothing to do, and why (at debug level).
     Nothing(String),
-    /// The state arrives in a migration stream or a save image.
-    Incoming { event: String },
+    /// The state arrives in a migration stream or a save image, as
+    /// `migrate begin`/`restore begin` noted `age_secs` ago.
+    Incoming { event: String, age_secs: i64 },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -87,8 +103,14 @@ fn incoming_marker_name() -> String {
 
 /// At `migrate begin` / `restore begin`: the TPM state will arrive in the
 /// stream, so the `prepare` that follows must not restore an old copy.
-pub fn note_incoming(cfg: &Config, domain: &Domain, event: &str) -> Result<()> {
-    let vm = Store::new(&cfg.store_dir).open_vm(&domain.uuid, cfg.lock_timeout())?;
+/// False when the store holds nothing for the VM: nothing could be
+/// restored, so nothing is noted (and no store directory is created).
+pub fn note_incoming(cfg: &Config, domain: &Domain, event: &str) -> Result<bool> {
+    let store = Store::new(&cfg.store_dir);
+    if !store.vm_dir(&domain.uuid).is_dir() {
+        return Ok(false);
+    }
+    let vm = store.open_vm(&domain.uuid, cfg.lock_timeout())?;
     let m = IncomingMarker {
         event: event.to_owned(),
         time_unix: now(),
@@ -96,7 +118,67 @@ pub fn note_incoming(cfg: &Config, domain: &Domain, event: &str) -> Result<()> {
     vm.write_marker(
         &incoming_marker_name(),
         &serde_json::to_vec(&m).expect("serializes"),
-    )
+    )?;
+    Ok(true)
+}
+
+/// At `stopped`/`release`: the VM stopped on this host, so an incoming
+/// operation noted here is over (a failed incoming migration or restore
+/// stops the VM). Removes this host's mark only: on a shared store another
+/// host's mark is for that host's `prepare`. True when there was one.
+pub fn clear_incoming(cfg: &Config, domain: &Domain) -> Result<bool> {
+    let store = Store::new(&cfg.store_dir);
+    let name = incoming_marker_name();
+    // The usual stop has no mark: one stat, no lock.
+    if std::fs::symlink_metadata(store.vm_dir(&domain.uuid).join(&name)).is_err() {
+        return Ok(false);
+    }
+    let vm = store.open_vm(&domain.uuid, cfg.lock_timeout())?;
+    let had = vm.read_marker(&name).is_some();
+    vm.remove_marker(&name)?;
+    Ok(had)
+}
+
+/// At `prepare`: this host's incoming mark, used up whether it counts or
+/// not. Some(event, age in seconds) when it is recent enough to count.
+fn take_incoming(vm: &VmStore, domain: &Domain) -> Result<Option<(String, i64)>> {
+    let name = incoming_marker_name();
+    let Some(bytes) = vm.read_marker(&name) else {
+        return Ok(None);
+    };
+    vm.remove_marker(&name)?;
+    let Ok(m) = serde_json::from_slice::<IncomingMarker>(&bytes) else {
+        return Ok(None);
+    };
+    let age = now() - m.time_unix;
+    if age.abs() <= INCOMING_WINDOW_SECS {
+        return Ok(Some((m.event, age)));
+    }
+    log::info!(
+        "vm={} uuid={}: the incoming {} noted {age} s ago had no prepare within {INCOMING_WINDOW_SECS} s \
+         (an offline migration, or one that failed early): not counted",
+        domain.name,
+        domain.uuid,
+        m.event
+    );
+    Ok(None)
+}
+
+/// At a stop with reason `migrated` that stored nothing (the state was
+/// already gone, or could not be read): this host's copies are stale all
+/// the same, so mark the newest generation, under the lock. None when the
+/// store holds no generation for the VM.
+pub fn mark_migrated_away(cfg: &Config, domain: &Domain) -> Result<Option<String>> {
+    let store = Store::new(&cfg.store_dir);
+    if !store.vm_dir(&domain.uuid).is_dir() {
+        return Ok(None);
+    }
+    let vm = store.open_vm(&domain.uuid, cfg.lock_timeout())?;
+    let Some(newest) = vm.generations()?.pop() else {
+        return Ok(None);
+    };
+    note_migrated_away(&vm, &newest)?;
+    Ok(Some(newest))
 }
 
 /// At a stop with reason `migrated` (libvirt 10.5+): this host's copy is
@@ -148,14 +230,8 @@ pub fn at_prepare(
     let vm = store
         .open_vm(&domain.uuid, cfg.lock_timeout())
         .map_err(io_refusal)?;
-    let marker = incoming_marker_name();
-    if let Some(bytes) = vm.read_marker(&marker) {
-        vm.remove_marker(&marker).map_err(io_refusal)?;
-        if let Ok(m) = serde_json::from_slice::<IncomingMarker>(&bytes) {
-            if (now() - m.time_unix).abs() <= INCOMING_WINDOW_SECS {
-                return Ok(Outcome::Incoming { event: m.event });
-            }
-        }
+    if let Some((event, age_secs)) = take_incoming(&vm, domain).map_err(io_refusal)? {
+        return Ok(Outcome::Incoming { event, age_secs });
     }
     let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
     if let Err(e) = remove_leftovers(&loc) {
