@@ -14,6 +14,9 @@ use std::path::{Component, Path, PathBuf};
 use crate::error::{Error, IoContext, Result};
 
 const MAX_SYMLINK_HOPS: usize = 40;
+/// How deep `Dir::remove_entry` descends. What a restore writes is one
+/// level deep; a deeper tree (made by another user) is left, and said so.
+const MAX_REMOVE_DEPTH: usize = 16;
 
 fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
@@ -391,7 +394,12 @@ impl Dir {
 
     /// lstat of an entry; None if it does not exist.
     pub fn entry_stat(&self, name: &str) -> Result<Option<libc::stat>> {
-        let c = cstr(OsStr::new(name)).ctx("stat", &self.path.join(name))?;
+        self.stat_at(OsStr::new(name))
+    }
+
+    fn stat_at(&self, name: &OsStr) -> Result<Option<libc::stat>> {
+        let c = cstr(name).ctx("stat", &self.path.join(name))?;
+        // SAFETY: stat is plain data.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid fd, name and out pointer.
         let rc = unsafe {
@@ -418,10 +426,14 @@ impl Dir {
 
     /// Open a subdirectory, never through a symlink.
     pub fn open_subdir(&self, name: &str) -> Result<Dir> {
+        self.open_sub(OsStr::new(name))
+    }
+
+    fn open_sub(&self, name: &OsStr) -> Result<Dir> {
         let p = self.path.join(name);
         let fd = openat(
             &self.fd,
-            OsStr::new(name),
+            name,
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
         )
         .ctx("open directory", &p)?;
@@ -543,24 +555,33 @@ impl Dir {
         Ok(())
     }
 
-    /// Remove an entry of ours: a file, or a directory and the files in it
-    /// (one level: what a restore leaves).
+    /// Remove an entry of ours: a file, or a directory with its whole tree
+    /// (a restore's directory holds files, but the one it swapped out may
+    /// hold whatever `tss` made in it). Never follows a symlink: a link is
+    /// unlinked, and each directory is opened by `openat` with O_NOFOLLOW
+    /// relative to its parent's fd, so the walk never leaves the tree.
     pub fn remove_entry(&self, name: &str) -> Result<()> {
+        self.remove_at(OsStr::new(name), MAX_REMOVE_DEPTH)
+    }
+
+    fn remove_at(&self, name: &OsStr, depth: usize) -> Result<()> {
         let p = self.path.join(name);
-        let Some(st) = self.entry_stat(name)? else {
+        let Some(st) = self.stat_at(name)? else {
             return Ok(());
         };
-        let c = cstr(OsStr::new(name)).ctx("remove", &p)?;
+        let c = cstr(name).ctx("remove", &p)?;
         let mut flags = 0;
         if is_type(&st, libc::S_IFDIR) {
-            let sub = self.open_subdir(name)?;
+            if depth == 0 {
+                return Err(Error::failed(format!(
+                    "cannot remove {}: it is more than {MAX_REMOVE_DEPTH} directories deep",
+                    p.display()
+                )));
+            }
+            let sub = self.open_sub(name)?;
             let f = File::from(sub.fd.try_clone().ctx("remove", &p)?);
             for n in list_dir(&f, &p)? {
-                let cn = cstr(&n).ctx("remove", &p)?;
-                // SAFETY: valid fd and name. Directories inside are not ours.
-                if unsafe { libc::unlinkat(sub.fd.as_raw_fd(), cn.as_ptr(), 0) } < 0 {
-                    return Err(Error::io("remove", &p.join(&n), io::Error::last_os_error()));
-                }
+                sub.remove_at(&n, depth - 1)?;
             }
             flags = libc::AT_REMOVEDIR;
         }
