@@ -635,4 +635,31 @@ mod tests {
         assert!(err.contains("2 hard links"), "{err}");
         std::fs::remove_dir_all(&d).unwrap();
     }
+
+    #[test]
+    fn remove_entry_removes_a_whole_tree_and_never_follows_a_link_out_of_it() {
+        let d = std::env::temp_dir().join(format!("swk-fsutil-tree-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let victim = d.join("victim");
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("keep"), b"k").unwrap();
+        let t = d.join("tree");
+        std::fs::create_dir_all(t.join("a/b/c")).unwrap();
+        std::fs::write(t.join("a/b/c/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(&victim, t.join("a/link")).unwrap();
+        let dir = Dir::open(&d).unwrap();
+        dir.remove_entry("tree").unwrap();
+        assert!(!t.exists());
+        assert_eq!(std::fs::read(victim.join("keep")).unwrap(), b"k");
+
+        // Deeper than the bound: refused (and said so), not a stack overflow.
+        let mut deep = d.join("deep");
+        for _ in 0..=MAX_REMOVE_DEPTH {
+            deep = deep.join("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let err = dir.remove_entry("deep").unwrap_err().to_string();
+        assert!(err.contains("directories deep"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }

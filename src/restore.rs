@@ -848,3 +848,67 @@ impl DirDest {
         }
     }
 }
+
+#[cfg(test)]
+mod placement_tests {
+    use super::*;
+
+    #[test]
+    fn a_temporary_belongs_to_one_destination_only() {
+        let pid = std::process::id();
+        let dir = temp_name("vm", TempKind::Dir);
+        assert_eq!(dir, format!(".swtpm-keeper-vm-restore-{pid}"));
+        assert!(is_temp_of(&dir, "vm", TempKind::Dir));
+        assert!(is_temp_of(&format!("{dir}.aside"), "vm", TempKind::Dir));
+        for other in ["vm-2", "v", "m", "vm-restore-1"] {
+            assert!(!is_temp_of(&dir, other, TempKind::Dir), "{other}");
+            let theirs = temp_name(other, TempKind::Dir);
+            assert!(!is_temp_of(&theirs, "vm", TempKind::Dir), "{theirs}");
+        }
+        let file = temp_name("a", TempKind::File);
+        assert_eq!(file, format!(".a.swtpm-keeper-{pid}"));
+        assert!(is_temp_of(&file, "a", TempKind::File));
+        assert!(!is_temp_of(&file, "a", TempKind::Dir));
+        let theirs = temp_name("a.swtpm-keeper-1", TempKind::File);
+        assert!(!is_temp_of(&theirs, "a", TempKind::File), "{theirs}");
+        // The unnamed temporaries of 0.1.0 are no VM's: never removed.
+        assert!(!is_temp_of(".swtpm-keeper-restore-12", "vm", TempKind::Dir));
+        assert!(!is_temp_of(
+            ".swtpm-keeper-vm-restore-",
+            "vm",
+            TempKind::Dir
+        ));
+    }
+
+    #[test]
+    fn only_swtpms_own_regular_files_count_as_swtpms() {
+        // SAFETY: stat is plain data.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        st.st_mode = libc::S_IFREG | 0o600;
+        for n in [
+            ".lock",
+            "tpm2-00.permall",
+            "tpm2-00.volatilestate",
+            "TMP2-00.permall",
+            "tpm-00.savestate",
+            "TMP-00.volatilestate",
+        ] {
+            assert!(swtpm_owned(n, &st), "{n}");
+        }
+        for n in [
+            ".precious-dotfile",
+            "TMPnotes.txt",
+            "tpm2-00.permall.bak",
+            "tpm2-00.notes",
+            "tpm2-01.permall",
+            ".lock2",
+            "notes",
+        ] {
+            assert!(!swtpm_owned(n, &st), "{n}");
+        }
+        st.st_mode = libc::S_IFDIR | 0o700;
+        assert!(!swtpm_owned("tpm2-00.volatilestate", &st));
+        st.st_mode = libc::S_IFLNK | 0o777;
+        assert!(!swtpm_owned(".lock", &st));
+    }
+}

@@ -316,3 +316,37 @@ fn a_uuid_dir_whose_acl_lets_another_user_write_is_not_trusted() {
     assert_refused_without_nvram(&h, &h.efi_xml(), "not root alone");
     assert_eq!(names(&uuid_dir), Vec::<String>::new());
 }
+
+#[test]
+#[ignore = "needs root and a filesystem with chattr +i (run with --include-ignored)"]
+fn a_forced_restore_whose_tpm_write_fails_puts_the_nvram_it_replaced_back() {
+    let h = Host::new("undoforce");
+    let permall = fixture("tpm2-00.permall.encrypted");
+    h.put_state(UUID_EFI, &[("tpm2-00.permall", &permall)]);
+    std::fs::write(h.nvram_path(), b"old vars").unwrap();
+    assert_ok(&h.hook("efitest", "stopped", "end", "-", &h.efi_xml()));
+    let g1 = h.generations(UUID_EFI)[0].clone();
+    // The VM ran on with another TPM state and other vars.
+    let mut newer = permall.clone();
+    newer[200] ^= 1;
+    h.put_state(UUID_EFI, &[("tpm2-00.permall", &newer)]);
+    std::fs::write(h.nvram_path(), b"new vars").unwrap();
+    std::fs::write(h.etc_qemu.join("efitest.xml"), h.efi_xml()).unwrap();
+
+    let _guard = Immutable::set(&h.swtpm.join(UUID_EFI))
+        .expect("chattr +i failed: run as root on a filesystem that supports it");
+    let out = h.run(&["restore", UUID_EFI, "--generation", &g1, "--force"], b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("cannot create directory"), "{err}");
+    assert_eq!(
+        std::fs::read(h.nvram_path()).unwrap(),
+        b"new vars",
+        "the NVRAM of the pair still in place was not put back"
+    );
+    assert_eq!(
+        std::fs::read(h.state_dir(UUID_EFI).join("tpm2-00.permall")).unwrap(),
+        newer
+    );
+    assert_eq!(names(&h.nvram_dir), ["efitest_VARS.fd"]);
+}
