@@ -66,7 +66,9 @@ fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
 }
 
 /// A directory is trusted to hold symlinks when only root (or we
-/// ourselves) can change it.
+/// ourselves) can change it. POSIX ACLs need no reading: with named
+/// entries, Linux shows the ACL mask as the group bits, and the mask
+/// bounds what every named user and group may do.
 fn trusted_dir(st: &libc::stat) -> bool {
     // SAFETY: geteuid has no preconditions.
     (st.st_uid == 0 || st.st_uid == unsafe { libc::geteuid() }) && st.st_mode & 0o022 == 0

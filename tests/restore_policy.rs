@@ -304,6 +304,8 @@ fn a_tpm_write_that_fails_after_the_nvram_was_placed_takes_the_nvram_back_out() 
 #[test]
 #[ignore = "needs root and setfacl (package acl; run with --include-ignored)"]
 fn a_uuid_dir_whose_acl_lets_another_user_write_is_not_trusted() {
+    // Linux keeps a POSIX ACL's mask in the mode's group bits, and the
+    // mask bounds every named entry: the mode check sees this ACL's write.
     let h = Host::new("aclwrite");
     efi_lost(&h);
     let uuid_dir = h.swtpm.join(UUID_EFI);
