@@ -158,7 +158,7 @@ pub fn at_prepare(
         }
     }
     let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
-    if let Err(e) = remove_leftovers(&loc) {
+    if let Err(e) = remove_leftovers(&vm, &loc) {
         log::warn!("vm={} uuid={}: {e}", domain.name, domain.uuid);
     }
     if state_present(&loc, tpm) {
@@ -314,6 +314,19 @@ pub fn put_back(
     qemu_owner: &Owner,
     replace: Replace,
 ) -> Result<NvramOutcome> {
+    let tpm_files: Vec<(&str, &[u8])> = gen
+        .manifest
+        .files
+        .iter()
+        .filter(|f| f.role == "tpm")
+        .filter_map(|f| gen.file(&f.name).map(|b| (f.name.as_str(), b)))
+        .collect();
+    if tpm_files.is_empty() {
+        return Err(Error::failed(format!(
+            "generation {} holds no TPM state file",
+            gen.name
+        )));
+    }
     let tpm = TpmTarget::check(loc, &swtpm::permall_name(version_of(gen)), replace.state)?;
     let nvram = match (nvram_path(domain, &gen.manifest), gen.file(manifest::NVRAM)) {
         (Some(path), Some(bytes)) => Some((FileTarget::check(path, true, replace.nvram)?, bytes)),
@@ -331,13 +344,6 @@ pub fn put_back(
         None => (NvramOutcome::None, None),
     };
     failpoint::hit("restore-after-nvram");
-    let tpm_files: Vec<(&str, &[u8])> = gen
-        .manifest
-        .files
-        .iter()
-        .filter(|f| f.role == "tpm")
-        .filter_map(|f| gen.file(&f.name).map(|b| (f.name.as_str(), b)))
-        .collect();
     let Err(e) = tpm.write(&tpm_files, swtpm_owner) else {
         if let Some(p) = placed {
             p.keep();
@@ -346,7 +352,8 @@ pub fn put_back(
     };
     match placed.map(Placed::undo) {
         Some(Err(u)) => Err(Error::failed(format!(
-            "{e}; the NVRAM restored with it could not be taken back out ({u}): remove it before starting the VM"
+            "{e}; and the NVRAM written for it could not be undone ({u}): it is not the pair of the TPM \
+             state there, move it aside before starting the VM"
         ))),
         _ => Err(e),
     }
@@ -447,10 +454,11 @@ fn remove_own_temps(dir: &Dir, leaf: &str, kind: TempKind) -> Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-/// At `prepare`: remove what an interrupted restore of this VM left beside
-/// libvirt's path. For a directory, only in a parent that root alone can
-/// write: elsewhere a name is no proof that it is ours.
-fn remove_leftovers(loc: &StateLocation) -> Result<()> {
+/// At `prepare`, under this VM's lock (`_locked`): remove what an
+/// interrupted restore of this VM left beside libvirt's path. For a
+/// directory, only in a parent that root alone can write: elsewhere a name
+/// is no proof that it is ours.
+fn remove_leftovers(_locked: &VmStore, loc: &StateLocation) -> Result<()> {
     let (parent, leaf) = split(loc.path())?;
     let Some(dir) = Dir::open_if_exists(parent)? else {
         return Ok(());
@@ -615,7 +623,7 @@ impl FileTarget {
         let ids = Some((owner.uid, owner.gid));
         let dir = self.dir.open_or_create(0o755, ids)?;
         if let Err(e) = remove_own_temps(&dir, &self.name, TempKind::File) {
-            log::warn!("{e}");
+            log::warn!("a leftover of an earlier restore stays: {e}");
         }
         let tmp = temp_name(&self.name, TempKind::File);
         if let Err(e) = dir.write_new(&tmp, bytes, 0o600, ids) {
@@ -747,7 +755,7 @@ impl DirTarget {
         let DirTarget { dest, parent } = self;
         let pdir = parent.open_or_create(0o711, None)?;
         if let Err(e) = remove_own_temps(&pdir, &dest.leaf, TempKind::Dir) {
-            log::warn!("{e}");
+            log::warn!("a leftover of an earlier restore stays: {e}");
         }
         let tmp = temp_name(&dest.leaf, TempKind::Dir);
         let nd = pdir.mkdir(&tmp, 0o700)?;
