@@ -55,6 +55,7 @@ pub fn run(cfg: &Config, json: bool, out: &mut dyn Write) -> Result<i32> {
                     (v.nvram, "nvram"),
                     (v.migrated_away, "migrated"),
                     (v.defined, "defined"),
+                    (v.protected, "protected"),
                 ] {
                     if on {
                         flags.push(f);

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::inventory::{self, human_bytes, JSON_VERSION};
 use crate::logging::sanitize;
 use crate::manifest::{self, Manifest};
-use crate::store::Store;
+use crate::store::{Protection, Store};
 
 #[derive(Serialize)]
 struct ShowJson {
@@ -30,6 +30,9 @@ struct GenerationJson {
     /// None when the manifest cannot be read (see `verify`).
     manifest: Option<Manifest>,
     error: Option<String>,
+    /// Set when a refused restore left this generation behind: retention
+    /// keeps it until it is pruned by name.
+    protected: Option<Protection>,
 }
 
 pub fn run(
@@ -60,6 +63,10 @@ pub fn run(
         return Ok(0);
     }
 
+    let (protections, protection_error) = match vm.protections() {
+        Ok(p) => (p, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
     let mut list = Vec::new();
     for g in gens.iter().rev() {
         let (manifest, error) = match vm.read_manifest(g) {
@@ -71,6 +78,7 @@ pub fn run(
             path: vm.dir().join(g).display().to_string(),
             manifest,
             error,
+            protected: protections.iter().find(|p| &p.generation == g).cloned(),
         });
     }
     let name = list
@@ -105,6 +113,9 @@ pub fn run(
     if let Some(g) = &migrated {
         s.push_str(&format!("  MIGRATED AWAY at generation {g}: the hook will not restore it (restore --force overrides)\n"));
     }
+    if let Some(e) = &protection_error {
+        s.push_str(&format!("  PROTECTION RECORD UNREADABLE: {e}\n"));
+    }
     s.push_str(&format!(
         "  {} generation{}, newest first:\n",
         list.len(),
@@ -129,6 +140,16 @@ pub fn run(
             m.sub_event,
             m.reason
         ));
+        if let Some(p) = &g.protected {
+            s.push_str(&format!(
+                "    PROTECTED: a restore of it was refused at {} on {} ({}); retention keeps it until \
+                 it is removed by name: swtpm-keeper prune --vm {uuid} --generation {}\n",
+                p.time,
+                sanitize(&p.host),
+                sanitize(&p.why),
+                g.generation
+            ));
+        }
         let enc = match &m.tpm.encryption_secret {
             Some(sec) => format!("encrypted with secret {sec}"),
             None => "not encrypted".into(),
