@@ -217,6 +217,42 @@ fn a_capture_over_max_generation_size_is_refused_and_the_store_keeps_what_it_had
     assert_eq!(leftovers, 0);
 }
 
+/// A well-formed swtpm blob of `len` bytes (header, one data TLV).
+fn blob(len: usize) -> Vec<u8> {
+    let mut b = vec![2u8, 1, 0, 10, 0, 0];
+    b.extend_from_slice(&(len as u32).to_be_bytes());
+    b.extend_from_slice(&1u16.to_be_bytes());
+    b.extend_from_slice(&((len - 16) as u32).to_be_bytes());
+    b.resize(len, 0);
+    b
+}
+
+#[test]
+fn by_default_a_generation_is_bounded_by_three_times_max_file_size() {
+    let h = Host::with_config("sp-bound-default", "max_file_size = 8192\n");
+    // Each file is within max_file_size; together with the XMLs they are
+    // over 3 x 8192 bytes.
+    h.put_state(
+        UUID_TRANS,
+        &[
+            ("tpm2-00.permall", &permall(1)),
+            ("tpm2-00.savestate", &blob(8000)),
+            ("tpm2-00.volatilestate", &blob(8000)),
+        ],
+    );
+    hook(&h, "stopped", "end", "-");
+    assert_eq!(h.generations(UUID_TRANS), Vec::<String>::new());
+    let logs = h.logs();
+    assert!(
+        has_line(&logs, &["NOT captured", "max_generation_size (24576 bytes)"]),
+        "{logs:?}"
+    );
+    // Without the extra file it fits.
+    std::fs::remove_file(h.state_dir(UUID_TRANS).join("tpm2-00.savestate")).unwrap();
+    hook(&h, "stopped", "end", "-");
+    assert_eq!(h.generations(UUID_TRANS).len(), 1);
+}
+
 // ---- hole 5: prune never leaves a VM without a good state ----
 
 const A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
