@@ -244,7 +244,10 @@ fn by_default_a_generation_is_bounded_by_three_times_max_file_size() {
     assert_eq!(h.generations(UUID_TRANS), Vec::<String>::new());
     let logs = h.logs();
     assert!(
-        has_line(&logs, &["NOT captured", "max_generation_size (24576 bytes)"]),
+        has_line(
+            &logs,
+            &["NOT captured", "max_generation_size (24576 bytes)"]
+        ),
         "{logs:?}"
     );
     // Without the extra file it fits.
