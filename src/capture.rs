@@ -11,7 +11,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, FileData};
 use crate::manifest::{self, FileEntry, Manifest, NvramInfo, TpmInfo};
 use crate::restore;
-use crate::store::{Store, VmStore};
+use crate::store::{Known, Store, VmStore};
 use crate::swtpm::{self, StateLocation};
 use crate::users;
 
@@ -436,6 +436,7 @@ fn unchanged_since(
     vm: &VmStore,
     domain: &Domain,
     m: &Manifest,
+    files: &[Captured],
 ) -> Result<Option<String>> {
     let gens = vm.generations()?;
     let Some(newest) = gens.last() else {
@@ -446,7 +447,15 @@ fn unchanged_since(
         Ok(prev) if prev.state_identity() == m.state_identity() => {}
         _ => return Ok(None),
     }
-    match vm.load_verified(newest, cfg.max_file_size) {
+    // What was just read and hashed is compared, not hashed again.
+    let known: Vec<Known> = m
+        .files
+        .iter()
+        .zip(files)
+        .filter(|(e, c)| e.name == c.name)
+        .map(|(e, c)| (e.name.as_str(), e.sha256.as_str(), c.data.bytes.as_slice()))
+        .collect();
+    match vm.load_verified_knowing(newest, cfg.max_file_size, &known) {
         Ok(l) if l.manifest.state_identity() == m.state_identity() => Ok(Some(newest.clone())),
         Ok(_) => Ok(None),
         Err(why) => {
@@ -474,7 +483,7 @@ fn store_unless_unchanged(
     // libvirt 10.5+ says why the VM stopped: after an outgoing migration
     // this host's copy goes stale, whatever generation holds it.
     let migrated = event.extra == "migrated";
-    if let Some(newest) = unchanged_since(cfg, vm, domain, m)? {
+    if let Some(newest) = unchanged_since(cfg, vm, domain, m, &files)? {
         if migrated {
             restore::note_migrated_away(vm, &newest)?;
         }
