@@ -299,6 +299,10 @@ fn prune_keep_never_removes_the_newest_generation_that_verifies() {
     let t = now() - 10 * DAY;
     let g = gens_at(&h, A, &[t, t + DAY, t + 2 * DAY]);
     damage(&h, A, &g[2]);
+    // B: nothing verifies, so no rule may pick what to lose.
+    let b = gens_at(&h, B, &[t, t + DAY]);
+    damage(&h, B, &b[0]);
+    damage(&h, B, &b[1]);
     let out = h.run(&["prune", "--keep", "1"], b"");
     assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -308,6 +312,14 @@ fn prune_keep_never_removes_the_newest_generation_that_verifies() {
         text.contains(&format!(
             "kept {A} {} vm: the newest generation that verifies",
             g[1]
+        )),
+        "{text}"
+    );
+    assert_eq!(h.generations(B), b, "{text}");
+    assert!(
+        text.contains(&format!(
+            "kept {B} {} vm: no generation of this VM verifies",
+            b[0]
         )),
         "{text}"
     );
