@@ -390,11 +390,15 @@ pub fn put_back(
     qemu_owner: &Owner,
     replace: Replace,
 ) -> Result<NvramOutcome> {
+    // Only swtpm's own names go back: a generation of 0.1.0 may hold a
+    // file that `tss` planted under a swtpm-like name.
+    let version = version_of(gen);
+    let swtpms = |n: &str| n == swtpm::FILE_STATE_NAME || swtpm::is_state_file(version, n.as_ref());
     let tpm_files: Vec<(&str, &[u8])> = gen
         .manifest
         .files
         .iter()
-        .filter(|f| f.role == "tpm")
+        .filter(|f| f.role == "tpm" && swtpms(&f.name))
         .filter_map(|f| gen.file(&f.name).map(|b| (f.name.as_str(), b)))
         .collect();
     if tpm_files.is_empty() {
@@ -403,7 +407,7 @@ pub fn put_back(
             gen.name
         )));
     }
-    let tpm = TpmTarget::check(loc, &swtpm::permall_name(version_of(gen)), replace.state)?;
+    let tpm = TpmTarget::check(loc, &swtpm::permall_name(version), replace.state)?;
     let nvram = match (nvram_path(domain, &gen.manifest), gen.file(manifest::NVRAM)) {
         (Some(path), Some(bytes)) => Some((FileTarget::check(path, true, replace.nvram)?, bytes)),
         _ => None,

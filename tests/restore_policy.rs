@@ -352,3 +352,38 @@ fn a_forced_restore_whose_tpm_write_fails_puts_the_nvram_it_replaced_back() {
     );
     assert_eq!(names(&h.nvram_dir), ["efitest_VARS.fd"]);
 }
+
+#[test]
+fn a_stored_file_that_swtpm_never_writes_is_never_restored() {
+    // A 0.1.0 generation may hold a file planted in the state dir under a
+    // swtpm-like name: it verifies, but only swtpm's own names go back.
+    let h = Host::new("rp-planted-name");
+    let permall = fixture("tpm2-00.permall.plain");
+    write_generation(
+        &h,
+        &FixtureGen {
+            uuid: UUID_TRANS,
+            vm: "tpmtrans",
+            generation: "00000001-20261120T100000Z",
+            time_unix: 1_763_632_800,
+            event: "stopped",
+            reason: "-",
+            secret: None,
+            files: &[
+                ("tpm2-00.permall", "tpm", &permall),
+                ("tpm2-00.evil", "tpm", &permall),
+            ],
+        },
+    );
+    let out = h.hook(
+        "tpmtrans",
+        "prepare",
+        "begin",
+        "-",
+        &fixture("tpm2-transient.stopped.xml"),
+    );
+    assert_ok(&out);
+    let dir = h.state_dir(UUID_TRANS);
+    assert_eq!(std::fs::read(dir.join("tpm2-00.permall")).unwrap(), permall);
+    assert!(!dir.join("tpm2-00.evil").exists(), "{:?}", names(&dir));
+}
