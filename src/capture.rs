@@ -9,10 +9,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::Config;
 use crate::domain::{Domain, Tpm, TpmVersion};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{self, FileData};
-use crate::live::{self, FileRead, Reading};
+use crate::fsutil::{self, FileData, Identity};
+use crate::live::{self, FileRead, Reading, Seen};
 use crate::manifest::{self, FileEntry, Manifest, NvramInfo, TpmInfo};
 use crate::restore;
+use crate::running::RunningVm;
 use crate::store::{Known, Store, VmStore};
 use crate::swtpm::{self, StateLocation};
 use crate::users;
@@ -41,11 +42,12 @@ pub enum Outcome {
     Unchanged {
         generation: String,
         path: PathBuf,
+        /// Nothing was read: every source file kept its identity since the
+        /// last live capture saw it in this generation.
+        unread: bool,
     },
     /// No state file at libvirt's path (the TPM never ran, or it is gone).
-    NoState {
-        path: PathBuf,
-    },
+    NoState { path: PathBuf },
 }
 
 struct Captured {
@@ -328,13 +330,14 @@ pub fn capture_locked(
     event: &Event,
     live_xml: &[u8],
 ) -> Result<Outcome> {
-    capture_read(cfg, vm, domain, tpm, event, live_xml, Reading::AtStop)
+    capture_read(cfg, vm, domain, tpm, event, live_xml, Reading::AtStop).map(|(o, _)| o)
 }
 
 /// Capture as `reading` allows, into a VM store the caller has locked
 /// exclusively: collect the files, describe them, then store them unless
-/// the newest generation already holds this state and verifies.
-pub fn capture_read(
+/// the newest generation already holds this state and verifies. Also
+/// returns the identity of each source file read.
+fn capture_read(
     cfg: &Config,
     vm: &VmStore,
     domain: &Domain,
@@ -342,18 +345,111 @@ pub fn capture_read(
     event: &Event,
     live_xml: &[u8],
     reading: Reading,
-) -> Result<Outcome> {
+) -> Result<(Outcome, Vec<(String, Identity)>)> {
     let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
     let Some(c) = collect(cfg, domain, tpm, &loc, live_xml, reading)? else {
-        return Ok(Outcome::NoState {
-            path: loc.path().to_owned(),
-        });
+        let path = loc.path().to_owned();
+        return Ok((Outcome::NoState { path }, Vec::new()));
     };
     let mut m = build_manifest(domain, tpm, &loc, event, &c);
     m.live = reading != Reading::AtStop;
     m.vm_state = Some(reading.vm_state().to_owned());
+    let mut read: Vec<(String, Identity)> = c
+        .files
+        .iter()
+        .filter(|f| f.role == "tpm" || f.role == "nvram")
+        .filter_map(|f| Some((f.source.as_ref()?.display().to_string(), f.data.identity?)))
+        .collect();
+    read.sort_by(|a, b| a.0.cmp(&b.0));
     crate::failpoint::hit("capture-after-read");
-    store_unless_unchanged(cfg, vm, domain, c.files, &m, event)
+    let outcome = store_unless_unchanged(cfg, vm, domain, c.files, &m, event)?;
+    Ok((outcome, read))
+}
+
+/// Capture a VM that runs (or is paused), into its store locked by the
+/// caller, without touching swtpm or QEMU. Nothing is read when every
+/// source file still has the identity the last live capture saw in the
+/// newest generation (`live::Seen`, in `run_dir`); otherwise each file is
+/// read until two reads agree.
+pub fn capture_running(cfg: &Config, vm: &VmStore, running: &RunningVm) -> Result<Outcome> {
+    let domain = &running.domain;
+    let tpm = domain
+        .tpm
+        .as_ref()
+        .ok_or_else(|| Error::failed(format!("VM {} has no emulator TPM", domain.name)))?;
+    let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
+    let now = unix_now();
+    let before = source_identities(&loc, tpm.version, domain.nvram.as_deref());
+    if let (Some(seen), Some(g)) = (
+        Seen::load(&cfg.run_dir, &domain.uuid),
+        vm.generations()?.last(),
+    ) {
+        if seen.holds(g, &before, now) {
+            let (generation, path) = (g.clone(), vm.dir().join(g));
+            return Ok(Outcome::Unchanged {
+                generation,
+                path,
+                unread: true,
+            });
+        }
+    }
+    let reading = Reading::Live {
+        paused: running.status.state == "paused",
+    };
+    let event = Event {
+        op: "capture".into(),
+        sub_op: "live".into(),
+        extra: "-".into(),
+    };
+    let (outcome, read) = capture_read(cfg, vm, domain, tpm, &event, &running.live_xml, reading)?;
+    if let Outcome::Stored { generation, .. } | Outcome::Unchanged { generation, .. } = &outcome {
+        let seen = Seen {
+            generation: generation.clone(),
+            verified_unix: now,
+            files: read,
+        };
+        if let Err(e) = seen.save(&cfg.run_dir, &domain.uuid) {
+            log::warn!("{e}: the next pass reads {}'s state again", domain.name);
+        }
+    }
+    Ok(outcome)
+}
+
+/// swtpm's state files and the NVRAM as they are now, with their
+/// identities, sorted by path: what a live pass compares before reading.
+fn source_identities(
+    loc: &StateLocation,
+    version: TpmVersion,
+    nvram: Option<&Path>,
+) -> Vec<(String, Identity)> {
+    let mut paths: Vec<PathBuf> = match loc {
+        StateLocation::File(p) => vec![p.clone()],
+        StateLocation::Dir(d) => std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| swtpm::is_state_file(version, n))
+            .map(|n| d.join(n))
+            .collect(),
+    };
+    paths.extend(nvram.map(Path::to_path_buf));
+    let mut v: Vec<(String, Identity)> = paths
+        .iter()
+        .filter_map(|p| {
+            let m = std::fs::symlink_metadata(p).ok()?;
+            Some((p.display().to_string(), Identity::of_metadata(&m)))
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Everything a generation holds, read and checked.
@@ -486,10 +582,7 @@ fn build_manifest(
     event: &Event,
     c: &Collected,
 ) -> Manifest {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = unix_now();
     Manifest {
         format: manifest::FORMAT,
         uuid: domain.uuid.clone(),
@@ -580,6 +673,7 @@ fn store_unless_unchanged(
         return Ok(Outcome::Unchanged {
             path: vm.dir().join(&newest),
             generation: newest,
+            unread: false,
         });
     }
     let nvram = files.iter().any(|c| c.role == "nvram");

@@ -209,6 +209,18 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// From a `stat` of the entry (not following a final symlink).
+    pub fn of_metadata(m: &fs::Metadata) -> Identity {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Identity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        }
+    }
+
     pub fn of(st: &libc::stat) -> Identity {
         let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
         Identity {

@@ -17,11 +17,13 @@
 //! last time.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{self, FileData};
+use crate::fsutil::{self, Dir, FileData, Identity, Rename};
 
 /// One attempt at reading a file that may be changing.
 pub enum Attempt {
@@ -168,6 +170,56 @@ fn refuse_never_settling(f: &File, r: &FileRead) -> Result<()> {
     }
     let mut f = f.try_clone().ctx("open", r.path)?;
     fsutil::read_regular(&mut f, r.path, r.max).map(|_| ())
+}
+
+/// What the last live capture saw of one VM, kept in `run_dir` (tmpfs,
+/// root's): the generation that holds the state, when it last verified,
+/// and the identity of every source file read for it. While every source
+/// keeps its identity, a pass reads nothing and writes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    pub generation: String,
+    pub verified_unix: i64,
+    /// (source path, identity), sorted by path.
+    pub files: Vec<(String, Identity)>,
+}
+
+/// A generation is verified again after this long, so that one damaged
+/// since does not pass for a copy for longer.
+pub const RECHECK_SECS: i64 = 3600;
+
+fn seen_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("seen")
+}
+
+impl Seen {
+    /// The record for `uuid`, if there is a readable one.
+    pub fn load(run_dir: &Path, uuid: &str) -> Option<Seen> {
+        let path = seen_dir(run_dir).join(format!("{uuid}.json"));
+        let mut f = fsutil::open_if_exists(&path, false).ok()??;
+        let d = fsutil::read_regular(&mut f, &path, 1 << 20).ok()?;
+        serde_json::from_slice(&d.bytes).ok()
+    }
+
+    /// Still true of `generation` and the sources as they are `now`?
+    pub fn holds(&self, generation: &str, now_files: &[(String, Identity)], now: i64) -> bool {
+        self.generation == generation
+            && now - self.verified_unix < RECHECK_SECS
+            && now >= self.verified_unix
+            && self.files == now_files
+    }
+
+    /// Replace the record for `uuid` (a temporary, then a rename).
+    pub fn save(&self, run_dir: &Path, uuid: &str) -> Result<()> {
+        fsutil::ensure_dir(run_dir, 0o755)?;
+        fsutil::ensure_dir(&seen_dir(run_dir), 0o700)?;
+        let dir = Dir::open(&seen_dir(run_dir))?;
+        let tmp = format!(".{uuid}.json.{}", std::process::id());
+        let _ = dir.remove_entry(&tmp);
+        let bytes = serde_json::to_vec(self).expect("serializes");
+        dir.write_new(&tmp, &bytes, 0o600, None)?;
+        dir.rename(&tmp, &format!("{uuid}.json"), Rename::Replace)
+    }
 }
 
 #[cfg(test)]
