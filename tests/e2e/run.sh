@@ -498,6 +498,44 @@ ek_of_copy "$G" "$WORK/save.ek1" && ek_of_copy "$SNAP/release/$U/tpm2" "$WORK/sa
 check "save: after save and restore it is the same TPM (same EK)" same_file "$WORK/save.ek1" "$WORK/save.ek2"
 rm -f "$WORK/$N.img"
 
+# --- 14. a running VM: capture --all keeps its TPM while it runs ---
+# The NV index is written while the VM is stopped (no stop capture has
+# it), then the VM runs: only the live capture can hold it.
+N=swk-e2e-live U=5ee2e000-0000-4000-8000-00000000001a
+VMS+=("$N")
+mark_tpm $N $U live
+virsh start $N >/dev/null || die "cannot start $N"
+swtpm_pid() { cat /run/libvirt/qemu/swtpm/*-"$N"-swtpm.pid 2>/dev/null; }
+wait_for 20 test -n "$(swtpm_pid)" || die "$N: no swtpm pid file"
+SWPID=$(swtpm_pid)
+"$KEEPER" capture --all >"$WORK/live1.out" 2>&1
+check "live: capture --all captures the running VM" grep -q " captured $N: TPM" "$WORK/live1.out"
+G=$(newest_gen $U)
+check "live: the manifest says live, running" \
+    sh -c "grep -q '\"live\": true' '$G/manifest.json' && grep -q '\"vm_state\": \"running\"' '$G/manifest.json'"
+check "live: its permall is byte-identical to the running swtpm's" same_file "$G/tpm2-00.permall" "$SWTPM/$U/tpm2/tpm2-00.permall"
+check "live: the generation verifies with sha256sum -c" sh -c "cd '$G' && sha256sum -c --quiet SHA256SUMS"
+check "live: the VM still runs" test "$(virsh domstate $N)" = running
+check "live: swtpm keeps its pid" sh -c "[ '$(swtpm_pid)' = '$SWPID' ] && kill -0 $SWPID"
+COUNT=$(gen_count $U)
+"$KEEPER" capture --all >"$WORK/live2.out" 2>&1
+check "live: a second pass reads nothing and adds nothing" \
+    sh -c "grep -q 'unchanged $N: no file changed, nothing read' '$WORK/live2.out' && [ \$(ls -d '$STORE/$U'/0* | wc -l) = $COUNT ]"
+check "live: the capture is in syslog" wait_for 5 syslog_has "vm=$N uuid=$U event=capture/live" "captured TPM state of the running VM"
+virsh destroy $N >/dev/null
+# Whatever the stop added, the restore below must come from the live capture.
+for g in "$STORE/$U"/0*; do
+    [ "$(basename "$g")" \> "$(basename "$G")" ] && "$KEEPER" prune --vm $U --generation "$(basename "$g")" >/dev/null
+done
+virsh undefine --nvram $N >/dev/null
+virsh define "$G/domain.xml" >/dev/null || die "cannot define $N from $G/domain.xml"
+check "live: the start after undefine and define succeeds" quiet virsh start $N
+check "live: the live capture was put back" \
+    wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "restored TPM 2.0 state from generation $(basename "$G")"
+virsh destroy $N >/dev/null
+check_tpm_kept $U live
+virsh undefine $N >/dev/null
+
 # Checked last, long after case 2's release ran: had it logged at info,
 # rsyslog would have written the line by now.
 check "transient: nothing at info for the release (it added nothing)" \
