@@ -17,7 +17,7 @@ COMMANDS:
     show <vm>             one VM's generations, files and checksums; --xml prints domain.xml
     verify [<vm>...]      check every generation against SHA256SUMS and swtpm's header rules
     restore <vm>          put a stored state back into libvirt's paths for a stopped VM
-    prune                 remove old generations (--keep N, --older-than DAYS)
+    prune                 remove old generations (--keep N, --older-than DAYS, --generation G)
     check                 is the hook installed, active, and the store sound?
     hook <domain> <op> <sub-op> <extra>
                           run as libvirt runs the hook (domain XML on stdin)
@@ -95,17 +95,28 @@ TPM version), unless --force is given.
 
 const PRUNE_HELP: &str = "\
 swtpm-keeper prune [--keep N] [--older-than DAYS] [--vm VM]... [--dry-run]
+swtpm-keeper prune --vm VM --generation GEN... [--dry-run]
 
 Remove generations beyond the hook's own retention (`generations` in the
-configuration). At least one of --keep and --older-than is needed.
+configuration). At least one of --keep and --older-than is needed, or
+--generation.
 
 --keep N           keep the newest N generations of each VM
 --older-than DAYS  remove generations captured more than DAYS days ago
 --vm VM            only this VM (repeatable); default: every VM
+--generation GEN   remove exactly this generation of the one VM named
+                   with --vm (repeatable), whatever the rules below say
 --dry-run          say what would be removed, remove nothing
 
-The last generation of a VM that libvirt still defines is never removed,
-unless the VM is named with --vm.
+The rules keep every VM restorable. --keep and --older-than remove only a
+VM's oldest generations, in capture order: a generation counts as older
+than DAYS only if every generation captured before it does too, so a
+clock that stepped back never makes a newer one go before an older one.
+They never remove the newest generation that verifies (nor a newer one),
+and never a protected one: the generation a refused restore left behind
+when the VM started with a new TPM (on_refusal = \"continue\"); `show`
+marks it. Protected generations do not count against --keep. To remove
+one of these, name it with --vm VM --generation GEN.
 ";
 
 const CHECK_HELP: &str = "\
@@ -160,6 +171,7 @@ pub enum Command {
         keep: Option<usize>,
         older_than_days: Option<u64>,
         vms: Vec<String>,
+        generations: Vec<String>,
         dry_run: bool,
     },
     Check,
@@ -290,6 +302,8 @@ struct Options {
     keep: Option<usize>,
     older: Option<u64>,
     vms: Vec<String>,
+    /// prune's `--generation`s.
+    named: Vec<String>,
     positional: Vec<String>,
 }
 
@@ -327,6 +341,9 @@ impl Options {
                     o.older = Some(number(cmd, name, &value(cmd, name, inline, &mut it)?)?)
                 }
                 ("prune", "--vm") => o.vms.push(value(cmd, name, inline, &mut it)?),
+                ("prune", "--generation" | "-g") => {
+                    o.named.push(value(cmd, name, inline, &mut it)?)
+                }
                 ("prune", "--dry-run" | "-n") => o.dry_run = true,
                 (_, n) if n.starts_with('-') && n.len() > 1 => {
                     return Err(usage(cmd, format!("unknown option {n}")))
@@ -378,16 +395,23 @@ fn build(cmd: &str, o: Options) -> Result<Command> {
         },
         "prune" => {
             o.no_positional(cmd)?;
-            if o.keep.is_none() && o.older.is_none() {
+            if !o.named.is_empty() && (o.vms.len() != 1 || o.keep.is_some() || o.older.is_some()) {
                 return Err(usage(
                     cmd,
-                    "say what to remove: --keep N and/or --older-than DAYS",
+                    "--generation goes with exactly one --vm, and without --keep or --older-than",
+                ));
+            }
+            if o.named.is_empty() && o.keep.is_none() && o.older.is_none() {
+                return Err(usage(
+                    cmd,
+                    "say what to remove: --keep N and/or --older-than DAYS, or --vm VM --generation GEN",
                 ));
             }
             Command::Prune {
                 keep: o.keep,
                 older_than_days: o.older,
                 vms: o.vms,
+                generations: o.named,
                 dry_run: o.dry_run,
             }
         }
@@ -485,7 +509,26 @@ mod tests {
                 keep: Some(3),
                 older_than_days: Some(30),
                 vms: vec!["a".into(), "b".into()],
+                generations: vec![],
                 dry_run: true
+            }
+        );
+        assert_eq!(
+            p(&[
+                "prune",
+                "--vm",
+                "a",
+                "--generation",
+                "G1",
+                "--generation=G2"
+            ])
+            .unwrap(),
+            Command::Prune {
+                keep: None,
+                older_than_days: None,
+                vms: vec!["a".into()],
+                generations: vec!["G1".into(), "G2".into()],
+                dry_run: false
             }
         );
         assert_eq!(p(&["check"]).unwrap(), Command::Check);
@@ -613,6 +656,9 @@ mod tests {
             vec!["restore", "a", "--generation"],
             vec!["prune"],
             vec!["prune", "--keep", "many"],
+            vec!["prune", "--generation", "G1"],
+            vec!["prune", "--vm", "a", "--vm", "b", "--generation", "G1"],
+            vec!["prune", "--vm", "a", "--generation", "G1", "--keep", "1"],
             vec!["list", "extra"],
             vec!["show", "a", "--json", "--xml"],
         ] {

@@ -67,6 +67,9 @@ pub struct Config {
     pub lock_timeout: f64,
     /// Largest file (TPM state, NVRAM) accepted, in bytes.
     pub max_file_size: u64,
+    /// Largest generation (every file in it) accepted, in bytes; unset
+    /// means 3 × `max_file_size`. See `max_generation_size()`.
+    pub max_generation_size: Option<u64>,
     /// The syslog socket; stderr is used when it cannot be reached.
     pub syslog_socket: PathBuf,
     pub log_level: LogLevel,
@@ -92,6 +95,7 @@ impl Default for Config {
             generations: 10,
             lock_timeout: 10.0,
             max_file_size: 64 << 20,
+            max_generation_size: None,
             syslog_socket: "/dev/log".into(),
             log_level: LogLevel::Info,
             qemu_conf: "/etc/libvirt/qemu.conf".into(),
@@ -203,7 +207,19 @@ impl Config {
         if self.max_file_size < 1024 {
             return bad("max_file_size", "must be at least 1024 bytes");
         }
+        if self.max_generation_size.is_some_and(|n| n < 1024) {
+            return bad("max_generation_size", "must be at least 1024 bytes");
+        }
         Ok(())
+    }
+
+    /// The bound on one generation's total bytes. By default room for an
+    /// NVRAM and a TPM state each at `max_file_size`, and the domain XMLs:
+    /// real generations are well under one `max_file_size` (a 540 KiB
+    /// OVMF or 64 MiB AAVMF vars file, a TPM state of KiB).
+    pub fn max_generation_size(&self) -> u64 {
+        self.max_generation_size
+            .unwrap_or(self.max_file_size.saturating_mul(3))
     }
 
     pub fn lock_timeout(&self) -> Duration {
@@ -233,6 +249,19 @@ mod tests {
         assert_eq!(c.restore, d.restore);
         assert_eq!(c.on_refusal, d.on_refusal);
         assert_eq!(c.qemu_conf, d.qemu_conf);
+        assert_eq!(c.max_file_size, d.max_file_size);
+        assert_eq!(c.max_generation_size(), d.max_generation_size());
+    }
+
+    #[test]
+    fn generation_bound_defaults_to_three_files_and_can_be_set() {
+        assert_eq!(Config::default().max_generation_size(), 192 << 20);
+        let c = Config::parse("max_file_size = 1048576").unwrap();
+        assert_eq!(c.max_generation_size(), 3 << 20);
+        let c = Config::parse("max_generation_size = 5000000").unwrap();
+        assert_eq!(c.max_generation_size(), 5_000_000);
+        let e = Config::parse("max_generation_size = 10").unwrap_err();
+        assert!(e.to_string().contains("`max_generation_size`"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,9 @@ use std::path::{Component, Path, PathBuf};
 use crate::error::{Error, IoContext, Result};
 
 const MAX_SYMLINK_HOPS: usize = 40;
+/// How deep `Dir::remove_entry` descends. What a restore writes is one
+/// level deep; a deeper tree (made by another user) is left, and said so.
+const MAX_REMOVE_DEPTH: usize = 16;
 
 fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
@@ -63,7 +66,9 @@ fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
 }
 
 /// A directory is trusted to hold symlinks when only root (or we
-/// ourselves) can change it.
+/// ourselves) can change it. POSIX ACLs need no reading: with named
+/// entries, Linux shows the ACL mask as the group bits, and the mask
+/// bounds what every named user and group may do.
 fn trusted_dir(st: &libc::stat) -> bool {
     // SAFETY: geteuid has no preconditions.
     (st.st_uid == 0 || st.st_uid == unsafe { libc::geteuid() }) && st.st_mode & 0o022 == 0
@@ -391,7 +396,12 @@ impl Dir {
 
     /// lstat of an entry; None if it does not exist.
     pub fn entry_stat(&self, name: &str) -> Result<Option<libc::stat>> {
-        let c = cstr(OsStr::new(name)).ctx("stat", &self.path.join(name))?;
+        self.stat_at(OsStr::new(name))
+    }
+
+    fn stat_at(&self, name: &OsStr) -> Result<Option<libc::stat>> {
+        let c = cstr(name).ctx("stat", &self.path.join(name))?;
+        // SAFETY: stat is plain data.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid fd, name and out pointer.
         let rc = unsafe {
@@ -418,10 +428,14 @@ impl Dir {
 
     /// Open a subdirectory, never through a symlink.
     pub fn open_subdir(&self, name: &str) -> Result<Dir> {
+        self.open_sub(OsStr::new(name))
+    }
+
+    fn open_sub(&self, name: &OsStr) -> Result<Dir> {
         let p = self.path.join(name);
         let fd = openat(
             &self.fd,
-            OsStr::new(name),
+            name,
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
         )
         .ctx("open directory", &p)?;
@@ -543,24 +557,33 @@ impl Dir {
         Ok(())
     }
 
-    /// Remove an entry of ours: a file, or a directory and the files in it
-    /// (one level: what a restore leaves).
+    /// Remove an entry of ours: a file, or a directory with its whole tree
+    /// (a restore's directory holds files, but the one it swapped out may
+    /// hold whatever `tss` made in it). Never follows a symlink: a link is
+    /// unlinked, and each directory is opened by `openat` with O_NOFOLLOW
+    /// relative to its parent's fd, so the walk never leaves the tree.
     pub fn remove_entry(&self, name: &str) -> Result<()> {
+        self.remove_at(OsStr::new(name), MAX_REMOVE_DEPTH)
+    }
+
+    fn remove_at(&self, name: &OsStr, depth: usize) -> Result<()> {
         let p = self.path.join(name);
-        let Some(st) = self.entry_stat(name)? else {
+        let Some(st) = self.stat_at(name)? else {
             return Ok(());
         };
-        let c = cstr(OsStr::new(name)).ctx("remove", &p)?;
+        let c = cstr(name).ctx("remove", &p)?;
         let mut flags = 0;
         if is_type(&st, libc::S_IFDIR) {
-            let sub = self.open_subdir(name)?;
+            if depth == 0 {
+                return Err(Error::failed(format!(
+                    "cannot remove {}: it is more than {MAX_REMOVE_DEPTH} directories deep",
+                    p.display()
+                )));
+            }
+            let sub = self.open_sub(name)?;
             let f = File::from(sub.fd.try_clone().ctx("remove", &p)?);
             for n in list_dir(&f, &p)? {
-                let cn = cstr(&n).ctx("remove", &p)?;
-                // SAFETY: valid fd and name. Directories inside are not ours.
-                if unsafe { libc::unlinkat(sub.fd.as_raw_fd(), cn.as_ptr(), 0) } < 0 {
-                    return Err(Error::io("remove", &p.join(&n), io::Error::last_os_error()));
-                }
+                sub.remove_at(&n, depth - 1)?;
             }
             flags = libc::AT_REMOVEDIR;
         }
@@ -612,6 +635,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("2 hard links"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn remove_entry_removes_a_whole_tree_and_never_follows_a_link_out_of_it() {
+        let d = std::env::temp_dir().join(format!("swk-fsutil-tree-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let victim = d.join("victim");
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("keep"), b"k").unwrap();
+        let t = d.join("tree");
+        std::fs::create_dir_all(t.join("a/b/c")).unwrap();
+        std::fs::write(t.join("a/b/c/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(&victim, t.join("a/link")).unwrap();
+        let dir = Dir::open(&d).unwrap();
+        dir.remove_entry("tree").unwrap();
+        assert!(!t.exists());
+        assert_eq!(std::fs::read(victim.join("keep")).unwrap(), b"k");
+
+        // Deeper than the bound: refused (and said so), not a stack overflow.
+        let mut deep = d.join("deep");
+        for _ in 0..=MAX_REMOVE_DEPTH {
+            deep = deep.join("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let err = dir.remove_entry("deep").unwrap_err().to_string();
+        assert!(err.contains("directories deep"), "{err}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -387,8 +387,24 @@ impl<'a> Job<'a> {
                     );
                     return 1;
                 }
+                self.protect_refused(&r.why);
                 0
             }
+        }
+    }
+
+    /// The VM starts with a new TPM: keep the refused state from being
+    /// pushed out of the store by the new TPM's generations.
+    fn protect_refused(&self, why: &str) {
+        let (cfg, uuid) = (&self.cfg, &self.domain.uuid);
+        let store = crate::store::Store::new(&cfg.store_dir);
+        match store.protect_refused(uuid, cfg.lock_timeout(), cfg.max_file_size, why) {
+            Ok(Some(g)) => log::warn!(
+                "{}: generation {g} is kept until an operator removes it: swtpm-keeper prune --vm {uuid} --generation {g}",
+                self.who
+            ),
+            Ok(None) => {}
+            Err(e) => log::error!("{}: could not protect the refused state from retention: {e}", self.who),
         }
     }
 }

@@ -112,6 +112,8 @@ pub struct VmSummary {
     pub nvram: bool,
     pub migrated_away: bool,
     pub defined: bool,
+    /// A refused restore left a generation behind (see `show`).
+    pub protected: bool,
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -156,6 +158,9 @@ pub fn summary(cfg: &Config, vm: &VmStore, uuid: &str) -> Result<VmSummary> {
             .as_ref()
             .is_some_and(|(_, m)| m.files.iter().any(|f| f.role == "nvram")),
         migrated_away: migrated,
+        protected: vm
+            .protections()
+            .is_ok_and(|p| p.iter().any(|p| gens.contains(&p.generation))),
         newest: newest.map(|(g, m)| Newest {
             generation: g,
             time: m.time,

@@ -68,8 +68,18 @@ fn dispatch(cmd: Command) -> Result<i32> {
                     keep,
                     older_than_days,
                     vms,
+                    generations,
                     dry_run,
-                } => commands::prune::run(&cfg, keep, older_than_days, &vms, dry_run, out),
+                } => {
+                    let req = commands::prune::Request {
+                        keep,
+                        older_than_days,
+                        vms: &vms,
+                        generations: &generations,
+                        dry_run,
+                    };
+                    commands::prune::run(&cfg, &req, out)
+                }
                 Command::Help(_) | Command::Version | Command::Hook(_) | Command::Check => {
                     unreachable!()
                 }

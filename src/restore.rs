@@ -234,7 +234,7 @@ pub fn at_prepare(
         return Ok(Outcome::Incoming { event, age_secs });
     }
     let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
-    if let Err(e) = remove_leftovers(&loc) {
+    if let Err(e) = remove_leftovers(&vm, &loc) {
         log::warn!("vm={} uuid={}: {e}", domain.name, domain.uuid);
     }
     if state_present(&loc, tpm) {
@@ -253,6 +253,7 @@ pub fn at_prepare(
     check_rules(&vm, &gen, domain, tpm, &loc)?;
     let qc = QemuConf::load(&cfg.qemu_conf);
     let nvram = put_back(
+        &vm,
         &gen,
         domain,
         &loc,
@@ -372,9 +373,16 @@ pub struct Replace {
     pub nvram: bool,
 }
 
-/// Write the generation into libvirt's paths: NVRAM first (so that a TPM
-/// never comes back without its NVRAM), then the TPM state.
+/// Write the generation into libvirt's paths. Everything is checked before
+/// anything is written, so that a refusal leaves no half of the pair. Then
+/// the NVRAM goes first (a crash between leaves an NVRAM that the next
+/// start completes with its TPM), then the TPM state; if writing that
+/// fails, the NVRAM placed for it is taken back out.
+///
+/// `_locked` is the proof that this VM's store lock is held: a temporary of
+/// this destination is then one of a run that is over, and may be removed.
 pub fn put_back(
+    _locked: &VmStore,
     gen: &Loaded,
     domain: &Domain,
     loc: &StateLocation,
@@ -382,45 +390,53 @@ pub fn put_back(
     qemu_owner: &Owner,
     replace: Replace,
 ) -> Result<NvramOutcome> {
-    let mut nvram = NvramOutcome::None;
-    let path = nvram_path(domain, &gen.manifest);
-    if let (Some(path), Some(bytes)) = (&path, gen.file(manifest::NVRAM)) {
-        nvram = if put_file(path, bytes, qemu_owner, true, replace.nvram)? {
-            NvramOutcome::Restored(path.clone())
-        } else {
-            NvramOutcome::KeptExisting(path.clone())
-        };
-    }
-    failpoint::hit("restore-after-nvram");
+    // Only swtpm's own names go back: a generation of 0.1.0 may hold a
+    // file that `tss` planted under a swtpm-like name.
+    let version = version_of(gen);
+    let swtpms = |n: &str| n == swtpm::FILE_STATE_NAME || swtpm::is_state_file(version, n.as_ref());
     let tpm_files: Vec<(&str, &[u8])> = gen
         .manifest
         .files
         .iter()
-        .filter(|f| f.role == "tpm")
+        .filter(|f| f.role == "tpm" && swtpms(&f.name))
         .filter_map(|f| gen.file(&f.name).map(|b| (f.name.as_str(), b)))
         .collect();
-    match loc {
-        StateLocation::Dir(dir) => put_dir(
-            dir,
-            &tpm_files,
-            swtpm_owner,
-            &swtpm::permall_name(version_of(gen)),
-            replace.state,
-        )?,
-        StateLocation::File(path) => {
-            let bytes = tpm_files
-                .first()
-                .map(|(_, b)| *b)
-                .ok_or_else(|| Error::failed("the generation has no state file"))?;
-            if !put_file(path, bytes, swtpm_owner, false, replace.state)? {
-                return Err(Error::failed(format!(
-                    "{} appeared while restoring; left as it is",
-                    path.display()
-                )));
+    if tpm_files.is_empty() {
+        return Err(Error::failed(format!(
+            "generation {} holds no TPM state file",
+            gen.name
+        )));
+    }
+    let tpm = TpmTarget::check(loc, &swtpm::permall_name(version), replace.state)?;
+    let nvram = match (nvram_path(domain, &gen.manifest), gen.file(manifest::NVRAM)) {
+        (Some(path), Some(bytes)) => Some((FileTarget::check(path, true, replace.nvram)?, bytes)),
+        _ => None,
+    };
+    let (outcome, placed) = match nvram {
+        Some((t, _)) if !t.will_write() => (NvramOutcome::KeptExisting(t.path), None),
+        Some((t, bytes)) => {
+            let path = t.path.clone();
+            match t.write(bytes, qemu_owner)? {
+                Some(p) => (NvramOutcome::Restored(path), Some(p)),
+                None => (NvramOutcome::KeptExisting(path), None),
             }
         }
+        None => (NvramOutcome::None, None),
+    };
+    failpoint::hit("restore-after-nvram");
+    let Err(e) = tpm.write(&tpm_files, swtpm_owner) else {
+        if let Some(p) = placed {
+            p.keep();
+        }
+        return Ok(outcome);
+    };
+    match placed.map(Placed::undo) {
+        Some(Err(u)) => Err(Error::failed(format!(
+            "{e}; and the NVRAM written for it could not be undone ({u}): it is not the pair of the TPM \
+             state there, move it aside before starting the VM"
+        ))),
+        _ => Err(e),
     }
-    Ok(nvram)
 }
 
 /// Where libvirt will look for the NVRAM file. The domain XML names it,
@@ -443,42 +459,95 @@ pub fn nvram_path(domain: &Domain, m: &Manifest) -> Option<PathBuf> {
     Some(recorded.with_file_name(renamed))
 }
 
-/// Names swtpm (and libvirt for it) leaves in a state directory.
-fn swtpm_owned(name: &str) -> bool {
-    name.starts_with('.')
-        || name.starts_with("TMP")
-        || name.starts_with("tpm-00.")
-        || name.starts_with("tpm2-00.")
+/// Is this entry of a state directory swtpm's own? Its lock `.lock`, its
+/// state files and the temporaries it writes them through, each a regular
+/// file: `tpm2-00.<what>` and `TMP2-00.<what>` (`tpm-00.`/`TMP-00.` for
+/// TPM 1.2), <what> being `permall`, `volatilestate` or `savestate`
+/// (swtpm_nvstore.c). Anything else (another dotfile, `TMPnotes.txt`, a
+/// subdirectory, the `.bak` backup of swtpm's `backup` option, which may
+/// be the only copy of a TPM) is someone else's.
+fn swtpm_owned(name: &str, st: &libc::stat) -> bool {
+    let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    let state = ["tpm2-00.", "TMP2-00.", "tpm-00.", "TMP-00."]
+        .iter()
+        .filter_map(|p| name.strip_prefix(p))
+        .any(|what| matches!(what, "permall" | "volatilestate" | "savestate"));
+    regular && (name == ".lock" || state)
 }
 
-/// Remove what an interrupted restore left beside libvirt's path (a
-/// half-built directory, or the one swapped out). Only in a directory that
-/// root alone can write: elsewhere a name is no proof that it is ours.
-fn remove_leftovers(loc: &StateLocation) -> Result<()> {
-    let (parent, prefix) = match loc {
-        StateLocation::Dir(d) => (split(d)?.0, TMP_PREFIX.to_owned()),
-        StateLocation::File(f) => {
-            let (p, leaf) = split(f)?;
-            (p, format!(".{leaf}{TMP_PREFIX}"))
-        }
-    };
-    let Some(dir) = Dir::open_if_exists(parent)? else {
-        return Ok(());
-    };
-    if !dir.is_trusted()? && matches!(loc, StateLocation::Dir(_)) {
-        return Ok(());
+/// What a restore writes beside a destination before renaming it into
+/// place: a directory, or a file.
+#[derive(Clone, Copy)]
+enum TempKind {
+    Dir,
+    File,
+}
+
+/// The temporary this run writes `leaf` through. Named for its
+/// destination: in a parent that several VMs share (`<source type='dir'
+/// path='/srv/tpm/<vm>'/>`) each run then knows which temporaries are its
+/// own VM's.
+fn temp_name(leaf: &str, kind: TempKind) -> String {
+    let pid = std::process::id();
+    match kind {
+        TempKind::Dir => format!("{TMP_PREFIX}{leaf}-restore-{pid}"),
+        TempKind::File => format!(".{leaf}{TMP_PREFIX}{pid}"),
     }
+}
+
+/// Is `name` a temporary of a restore into `leaf` (by any run; the
+/// emulated exchange of `Dir::rename` adds `.aside`)? The pid must be all
+/// that follows the leaf's prefix, so that no leaf's temporaries match
+/// another's (`vm` and `vm-2`, or `a` and `a.swtpm-keeper-1`).
+fn is_temp_of(name: &str, leaf: &str, kind: TempKind) -> bool {
+    let prefix = match kind {
+        TempKind::Dir => format!("{TMP_PREFIX}{leaf}-restore-"),
+        TempKind::File => format!(".{leaf}{TMP_PREFIX}"),
+    };
+    let Some(rest) = name.strip_prefix(&prefix) else {
+        return false;
+    };
+    let pid = rest.strip_suffix(".aside").unwrap_or(rest);
+    !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Remove what interrupted restores into `leaf` left in `dir`. Only the
+/// caller's own VM's: it holds that VM's lock, so their runs are over.
+/// Every one is tried; the first failure is returned (a leftover only
+/// takes space: callers log it and go on).
+fn remove_own_temps(dir: &Dir, leaf: &str, kind: TempKind) -> Result<()> {
+    let mut first_err = None;
     let mut removed = false;
     for n in dir.names()? {
-        if n.starts_with(&prefix) {
-            dir.remove_entry(&n)?;
-            removed = true;
+        if is_temp_of(&n, leaf, kind) {
+            match dir.remove_entry(&n) {
+                Ok(()) => removed = true,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
         }
     }
     if removed {
         dir.sync()?;
     }
-    Ok(())
+    first_err.map_or(Ok(()), Err)
+}
+
+/// At `prepare`, under this VM's lock (`_locked`): remove what an
+/// interrupted restore of this VM left beside libvirt's path. For a
+/// directory, only in a parent that root alone can write: elsewhere a name
+/// is no proof that it is ours.
+fn remove_leftovers(_locked: &VmStore, loc: &StateLocation) -> Result<()> {
+    let (parent, leaf) = split(loc.path())?;
+    let Some(dir) = Dir::open_if_exists(parent)? else {
+        return Ok(());
+    };
+    match loc {
+        StateLocation::Dir(_) if !dir.is_trusted()? => Ok(()),
+        StateLocation::Dir(_) => remove_own_temps(&dir, leaf, TempKind::Dir),
+        StateLocation::File(_) => remove_own_temps(&dir, leaf, TempKind::File),
+    }
 }
 
 fn version_of(gen: &Loaded) -> crate::domain::TpmVersion {
@@ -496,171 +565,438 @@ fn split(path: &Path) -> Result<(&Path, &str)> {
     }
 }
 
-/// Open `path`'s directory, creating the last missing level as libvirt
-/// would (`mode`, owned by `owner`).
-fn open_or_create_dir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<Dir> {
-    if let Some(d) = Dir::open_if_exists(path)? {
-        return Ok(d);
-    }
-    let (parent, name) = split(path)?;
-    let p = Dir::open(parent)?;
-    let d = p.mkdir(name, mode)?;
-    d.chown_chmod(owner, mode)?;
-    p.sync()?;
-    Ok(d)
+/// A destination's directory: open, or missing and to be created in its
+/// own (existing) parent as libvirt would. Nothing is created until
+/// `open_or_create`, after every check.
+enum Parent {
+    Open(Dir),
+    Missing { grand: Dir, name: String },
 }
 
-/// Create `path` with `bytes` unless something exists there. Written to a
-/// temporary name in the same directory, fsynced, then renamed without
-/// replacing. Returns false if something was already there.
-fn put_file(
-    path: &Path,
-    bytes: &[u8],
-    owner: &Owner,
-    create_parent: bool,
+impl Parent {
+    fn check(path: &Path) -> Result<Parent> {
+        if let Some(d) = Dir::open_if_exists(path)? {
+            return Ok(Parent::Open(d));
+        }
+        let (grand, name) = split(path)?;
+        Ok(Parent::Missing {
+            grand: Dir::open(grand)?,
+            name: name.to_owned(),
+        })
+    }
+
+    fn existing(&self) -> Option<&Dir> {
+        match self {
+            Parent::Open(d) => Some(d),
+            Parent::Missing { .. } => None,
+        }
+    }
+
+    /// The directory, created now if missing (`mode`, owned by `owner`).
+    fn open_or_create(self, mode: u32, owner: Option<(u32, u32)>) -> Result<Dir> {
+        match self {
+            Parent::Open(d) => Ok(d),
+            Parent::Missing { grand, name } => {
+                let d = grand.mkdir(&name, mode)?;
+                d.chown_chmod(owner, mode)?;
+                grand.sync()?;
+                Ok(d)
+            }
+        }
+    }
+}
+
+/// Where the TPM state goes, checked.
+enum TpmTarget {
+    Dir(DirTarget),
+    File(FileTarget),
+}
+
+impl TpmTarget {
+    fn check(loc: &StateLocation, permall: &str, replace: bool) -> Result<TpmTarget> {
+        match loc {
+            StateLocation::Dir(d) => Ok(TpmTarget::Dir(DirTarget::check(d, permall, replace)?)),
+            StateLocation::File(f) => {
+                let t = FileTarget::check(f.clone(), false, replace)?;
+                if !t.will_write() {
+                    return Err(Error::failed(format!(
+                        "{} exists; left as it is",
+                        f.display()
+                    )));
+                }
+                Ok(TpmTarget::File(t))
+            }
+        }
+    }
+
+    fn write(self, files: &[(&str, &[u8])], owner: &Owner) -> Result<()> {
+        match self {
+            TpmTarget::Dir(t) => t.write(files, owner),
+            TpmTarget::File(t) => {
+                let path = t.path.clone();
+                let bytes = files
+                    .first()
+                    .map(|(_, b)| *b)
+                    .ok_or_else(|| Error::failed("the generation has no state file"))?;
+                match t.write(bytes, owner)? {
+                    Some(placed) => {
+                        placed.keep();
+                        Ok(())
+                    }
+                    None => Err(Error::failed(format!(
+                        "{} appeared while restoring; left as it is",
+                        path.display()
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+/// A file to create (or, with `replace`, to replace), checked.
+struct FileTarget {
+    path: PathBuf,
+    name: String,
+    dir: Parent,
+    exists: bool,
     replace: bool,
-) -> Result<bool> {
-    let (parent, name) = split(path)?;
-    let dir = if create_parent {
-        open_or_create_dir(parent, 0o755, Some((owner.uid, owner.gid)))?
-    } else {
-        Dir::open(parent)?
-    };
-    if !replace && dir.entry_stat(name)?.is_some() {
-        return Ok(false);
-    }
-    // Temporaries of runs that crashed here (any pid) go first.
-    let leftover = format!(".{name}{TMP_PREFIX}");
-    for n in dir.names()? {
-        if n.starts_with(&leftover) {
-            dir.remove_entry(&n)?;
+}
+
+impl FileTarget {
+    /// `create_parent`: its directory may be missing (libvirt's NVRAM dir).
+    fn check(path: PathBuf, create_parent: bool, replace: bool) -> Result<FileTarget> {
+        let (parent, name) = split(&path)?;
+        let name = name.to_owned();
+        let dir = if create_parent {
+            Parent::check(parent)?
+        } else {
+            Parent::Open(Dir::open(parent)?)
+        };
+        let st = match dir.existing() {
+            Some(d) => d.entry_stat(&name)?,
+            None => None,
+        };
+        if replace && st.as_ref().is_some_and(Dir::entry_is_dir) {
+            return Err(Error::failed(format!(
+                "{} is a directory; left as it is",
+                path.display()
+            )));
         }
+        Ok(FileTarget {
+            exists: st.is_some(),
+            path,
+            name,
+            dir,
+            replace,
+        })
     }
-    let tmp = format!("{leftover}{}", std::process::id());
-    if let Err(e) = dir.write_new(&tmp, bytes, 0o600, Some((owner.uid, owner.gid))) {
-        let _ = dir.remove_entry(&tmp);
-        return Err(e);
+
+    fn will_write(&self) -> bool {
+        !self.exists || self.replace
     }
-    failpoint::hit("restore-file-before-rename");
-    let how = if replace {
-        Rename::Replace
-    } else {
-        Rename::NoReplace
-    };
-    match dir.rename(&tmp, name, how) {
-        Ok(()) => {}
-        Err(e) if e.io_kind() == Some(std::io::ErrorKind::AlreadyExists) => {
-            dir.remove_entry(&tmp)?;
-            return Ok(false);
+
+    /// Write through a temporary in the same directory, fsynced, then
+    /// renamed: without replacing, or with `replace` exchanged with what is
+    /// there (kept until `Placed::keep`). None: something appeared at the
+    /// name meanwhile and was left as it is.
+    fn write(self, bytes: &[u8], owner: &Owner) -> Result<Option<Placed>> {
+        let ids = Some((owner.uid, owner.gid));
+        let dir = self.dir.open_or_create(0o755, ids)?;
+        if let Err(e) = remove_own_temps(&dir, &self.name, TempKind::File) {
+            log::warn!("a leftover of an earlier restore stays: {e}");
         }
-        Err(e) => {
+        let tmp = temp_name(&self.name, TempKind::File);
+        if let Err(e) = dir.write_new(&tmp, bytes, 0o600, ids) {
             let _ = dir.remove_entry(&tmp);
             return Err(e);
         }
+        failpoint::hit("restore-file-before-rename");
+        let ours = dir.entry_stat(&tmp)?.map(|st| (st.st_dev, st.st_ino));
+        let swap = self.replace && dir.entry_stat(&self.name)?.is_some();
+        let how = if swap {
+            Rename::Exchange
+        } else {
+            Rename::NoReplace
+        };
+        if let Err(e) = dir.rename(&tmp, &self.name, how) {
+            let _ = dir.remove_entry(&tmp);
+            return match e.io_kind() {
+                Some(std::io::ErrorKind::AlreadyExists) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        dir.sync()?;
+        Ok(Some(Placed {
+            dir,
+            name: self.name,
+            tmp,
+            swapped: swap,
+            ours,
+        }))
     }
-    dir.sync()?;
-    Ok(true)
 }
 
-/// Build the state directory beside `dir` and rename it into place. The
-/// parent must be root's alone (libvirt makes `<uuid>/` root 0711), so
-/// nothing in it can be a planted link.
-fn put_dir(
-    dir: &Path,
-    files: &[(&str, &[u8])],
-    owner: &Owner,
-    permall: &str,
+/// A file renamed into place, until the restore it belongs to is complete.
+struct Placed {
+    dir: Dir,
+    name: String,
+    /// Holds what was replaced, when `swapped`.
+    tmp: String,
+    swapped: bool,
+    /// The file we wrote (device, inode).
+    ours: Option<(libc::dev_t, libc::ino_t)>,
+}
+
+impl Placed {
+    /// The restore is complete: drop what the file replaced.
+    fn keep(self) {
+        if !self.swapped {
+            return;
+        }
+        if let Err(e) = self
+            .dir
+            .remove_entry(&self.tmp)
+            .and_then(|_| self.dir.sync())
+        {
+            log::warn!(
+                "restored {}, but {e}",
+                self.dir.path().join(&self.name).display()
+            );
+        }
+    }
+
+    /// The restore failed: put back what was there (nothing, or the file
+    /// it replaced). Only if the name still holds the file we wrote.
+    fn undo(self) -> Result<()> {
+        let now = self.dir.entry_stat(&self.name)?;
+        if now.map(|st| (st.st_dev, st.st_ino)) != self.ours || self.ours.is_none() {
+            return Ok(());
+        }
+        if self.swapped {
+            self.dir.rename(&self.tmp, &self.name, Rename::Replace)?;
+        } else {
+            self.dir.remove_entry(&self.name)?;
+        }
+        self.dir.sync()
+    }
+}
+
+/// The state directory: built beside `path` in its parent, then renamed
+/// into place. The parent must be root's alone (libvirt makes `<uuid>/`
+/// root 0711), so nothing in it can be a planted link.
+struct DirTarget {
+    dest: DirDest,
+    parent: Parent,
+}
+
+struct DirDest {
+    path: PathBuf,
+    leaf: String,
+    permall: String,
     replace: bool,
-) -> Result<()> {
-    let (parent, leaf) = split(dir)?;
-    let (grand, _) = split(parent)?;
-    // libvirt's layout: <swtpm_dir> and <swtpm_dir>/<uuid> are root 0711.
-    if !grand.exists() {
-        return Err(Error::failed(format!(
-            "{} does not exist: is libvirt's swtpm support installed?",
-            grand.display()
-        )));
-    }
-    let pdir = open_or_create_dir(parent, 0o711, None)?;
-    if !pdir.is_trusted()? {
-        let st = pdir.stat()?;
-        return Err(Error::failed(format!(
-            "refusing to restore into {}: it is writable by uid {} (mode {:o}), not root alone",
-            parent.display(),
-            st.st_uid,
-            st.st_mode & 0o7777
-        )));
-    }
-    for n in pdir.names()? {
-        if n.starts_with(TMP_PREFIX) {
-            pdir.remove_entry(&n)?;
-        }
-    }
-    let tmp = format!("{TMP_PREFIX}restore-{}", std::process::id());
-    let nd = pdir.mkdir(&tmp, 0o700)?;
-    let ids = Some((owner.uid, owner.gid));
-    let written = files
-        .iter()
-        .try_for_each(|(name, bytes)| nd.write_new(name, bytes, 0o600, ids));
-    if let Err(e) = written {
-        // Nothing partial stays behind (a full disk is the usual cause).
-        let _ = pdir.remove_entry(&tmp);
-        return Err(e);
-    }
-    failpoint::hit("restore-dir-half-written");
-    nd.chown_chmod(ids, 0o700)?;
-    nd.sync()?;
-    failpoint::hit("restore-before-rename");
-    match pdir.entry_stat(leaf)? {
-        None => pdir.rename(&tmp, leaf, Rename::NoReplace)?,
-        Some(st) if Dir::entry_is_dir(&st) => {
-            // A directory without state (swtpm_setup never ran, or only
-            // .lock is left): swap ours in, then drop the old one. Only if
-            // it holds nothing but swtpm's files: a <source path> that
-            // names some other directory is never swapped out.
-            let old = pdir.open_subdir(leaf)?;
-            if !replace && old.entry_stat(permall)?.is_some() {
-                pdir.remove_entry(&tmp)?;
-                return Err(Error::failed(format!(
-                    "{} gained a TPM state while restoring; left as it is",
-                    dir.display()
-                )));
-            }
-            let foreign: Vec<String> = old
-                .names()?
-                .into_iter()
-                .filter(|n| !swtpm_owned(n))
-                .collect();
-            if !foreign.is_empty() {
-                pdir.remove_entry(&tmp)?;
-                return Err(Error::failed(format!(
-                    "{} holds files that are not swtpm's ({}); refusing to replace it",
-                    dir.display(),
-                    foreign
-                        .iter()
-                        .take(5)
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            pdir.rename(&tmp, leaf, Rename::Exchange)?;
-            pdir.sync()?;
-            failpoint::hit("restore-after-exchange");
-            if let Err(e) = pdir.remove_entry(&tmp) {
-                log::warn!(
-                    "restored {}, but could not remove the directory it replaced: {e}",
-                    dir.display()
-                );
-            }
-        }
-        Some(_) => {
-            pdir.remove_entry(&tmp)?;
+}
+
+impl DirTarget {
+    fn check(path: &Path, permall: &str, replace: bool) -> Result<DirTarget> {
+        let (parent, leaf) = split(path)?;
+        let (grand, _) = split(parent)?;
+        // libvirt's layout: <swtpm_dir> and <swtpm_dir>/<uuid> are root 0711.
+        if !grand.exists() {
             return Err(Error::failed(format!(
-                "{} exists and is not a directory; left as it is",
-                dir.display()
+                "{} does not exist: is libvirt's swtpm support installed?",
+                grand.display()
             )));
         }
+        let t = DirTarget {
+            dest: DirDest {
+                path: path.to_owned(),
+                leaf: leaf.to_owned(),
+                permall: permall.to_owned(),
+                replace,
+            },
+            parent: Parent::check(parent)?,
+        };
+        if let Some(p) = t.parent.existing() {
+            if !p.is_trusted()? {
+                let st = p.stat()?;
+                return Err(Error::failed(format!(
+                    "refusing to restore into {}: it is writable by uid {} (mode {:o}), not root alone",
+                    parent.display(),
+                    st.st_uid,
+                    st.st_mode & 0o7777
+                )));
+            }
+            t.dest.check_swappable(p)?;
+        }
+        Ok(t)
     }
-    pdir.sync()
+
+    fn write(self, files: &[(&str, &[u8])], owner: &Owner) -> Result<()> {
+        let DirTarget { dest, parent } = self;
+        let pdir = parent.open_or_create(0o711, None)?;
+        if let Err(e) = remove_own_temps(&pdir, &dest.leaf, TempKind::Dir) {
+            log::warn!("a leftover of an earlier restore stays: {e}");
+        }
+        let tmp = temp_name(&dest.leaf, TempKind::Dir);
+        let nd = pdir.mkdir(&tmp, 0o700)?;
+        let ids = Some((owner.uid, owner.gid));
+        let written = files
+            .iter()
+            .try_for_each(|(name, bytes)| nd.write_new(name, bytes, 0o600, ids))
+            .and_then(|()| {
+                failpoint::hit("restore-dir-half-written");
+                nd.chown_chmod(ids, 0o700)
+            })
+            .and_then(|()| nd.sync());
+        if let Err(e) = written {
+            // Nothing partial stays behind (a full disk is the usual cause).
+            let _ = pdir.remove_entry(&tmp);
+            return Err(e);
+        }
+        failpoint::hit("restore-before-rename");
+        dest.place(&pdir, &tmp)?;
+        pdir.sync()
+    }
+}
+
+impl DirDest {
+    /// What is at the destination may be swapped out: nothing, or a
+    /// directory without a TPM state (swtpm_setup never ran, or only
+    /// `.lock` is left) that holds nothing but swtpm's files. A `<source
+    /// path>` that names some other directory is never swapped out.
+    fn check_swappable(&self, pdir: &Dir) -> Result<()> {
+        let Some(st) = pdir.entry_stat(&self.leaf)? else {
+            return Ok(());
+        };
+        if !Dir::entry_is_dir(&st) {
+            return Err(Error::failed(format!(
+                "{} exists and is not a directory; left as it is",
+                self.path.display()
+            )));
+        }
+        let old = pdir.open_subdir(&self.leaf)?;
+        if !self.replace && old.entry_stat(&self.permall)?.is_some() {
+            return Err(Error::failed(format!(
+                "{} holds a TPM state; left as it is",
+                self.path.display()
+            )));
+        }
+        let mut foreign = Vec::new();
+        for n in old.names()? {
+            match old.entry_stat(&n)? {
+                Some(st) if swtpm_owned(&n, &st) => {}
+                Some(_) => foreign.push(n),
+                None => {}
+            }
+        }
+        if foreign.is_empty() {
+            return Ok(());
+        }
+        foreign.sort();
+        foreign.truncate(5);
+        Err(Error::failed(format!(
+            "{} holds files that are not swtpm's ({}); refusing to replace it",
+            self.path.display(),
+            foreign.join(", ")
+        )))
+    }
+
+    /// Rename the complete directory `tmp` into place: into an empty name,
+    /// or exchanged with the directory there, which is then removed with
+    /// everything in it (failing that only leaves a leftover for the next
+    /// run of this VM).
+    fn place(&self, pdir: &Dir, tmp: &str) -> Result<()> {
+        // Again, just before: `tss` can write in the old directory.
+        let swap = self.check_swappable(pdir).and_then(|()| {
+            let exists = pdir.entry_stat(&self.leaf)?.is_some();
+            let how = if exists {
+                Rename::Exchange
+            } else {
+                Rename::NoReplace
+            };
+            pdir.rename(tmp, &self.leaf, how).map(|()| exists)
+        });
+        match swap {
+            Err(e) => {
+                let _ = pdir.remove_entry(tmp);
+                Err(e)
+            }
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                pdir.sync()?;
+                failpoint::hit("restore-after-exchange");
+                if let Err(e) = pdir.remove_entry(tmp) {
+                    log::warn!(
+                        "restored {}, but could not remove the directory it replaced: {e}",
+                        self.path.display()
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod placement_tests {
+    use super::*;
+
+    #[test]
+    fn a_temporary_belongs_to_one_destination_only() {
+        let pid = std::process::id();
+        let dir = temp_name("vm", TempKind::Dir);
+        assert_eq!(dir, format!(".swtpm-keeper-vm-restore-{pid}"));
+        assert!(is_temp_of(&dir, "vm", TempKind::Dir));
+        assert!(is_temp_of(&format!("{dir}.aside"), "vm", TempKind::Dir));
+        for other in ["vm-2", "v", "m", "vm-restore-1"] {
+            assert!(!is_temp_of(&dir, other, TempKind::Dir), "{other}");
+            let theirs = temp_name(other, TempKind::Dir);
+            assert!(!is_temp_of(&theirs, "vm", TempKind::Dir), "{theirs}");
+        }
+        let file = temp_name("a", TempKind::File);
+        assert_eq!(file, format!(".a.swtpm-keeper-{pid}"));
+        assert!(is_temp_of(&file, "a", TempKind::File));
+        assert!(!is_temp_of(&file, "a", TempKind::Dir));
+        let theirs = temp_name("a.swtpm-keeper-1", TempKind::File);
+        assert!(!is_temp_of(&theirs, "a", TempKind::File), "{theirs}");
+        // The unnamed temporaries of 0.1.0 are no VM's: never removed.
+        assert!(!is_temp_of(".swtpm-keeper-restore-12", "vm", TempKind::Dir));
+        assert!(!is_temp_of(
+            ".swtpm-keeper-vm-restore-",
+            "vm",
+            TempKind::Dir
+        ));
+    }
+
+    #[test]
+    fn only_swtpms_own_regular_files_count_as_swtpms() {
+        // SAFETY: stat is plain data.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        st.st_mode = libc::S_IFREG | 0o600;
+        for n in [
+            ".lock",
+            "tpm2-00.permall",
+            "tpm2-00.volatilestate",
+            "TMP2-00.permall",
+            "tpm-00.savestate",
+            "TMP-00.volatilestate",
+        ] {
+            assert!(swtpm_owned(n, &st), "{n}");
+        }
+        for n in [
+            ".precious-dotfile",
+            "TMPnotes.txt",
+            "tpm2-00.permall.bak",
+            "tpm2-00.notes",
+            "tpm2-01.permall",
+            ".lock2",
+            "notes",
+        ] {
+            assert!(!swtpm_owned(n, &st), "{n}");
+        }
+        st.st_mode = libc::S_IFDIR | 0o700;
+        assert!(!swtpm_owned("tpm2-00.volatilestate", &st));
+        st.st_mode = libc::S_IFLNK | 0o777;
+        assert!(!swtpm_owned(".lock", &st));
+    }
 }

@@ -6,7 +6,9 @@
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint;
@@ -17,6 +19,26 @@ use crate::manifest::{self, Manifest};
 const TMP_PREFIX: &str = ".tmp-";
 const TRASH_PREFIX: &str = ".trash-";
 const LOCK_NAME: &str = ".lock";
+
+/// The generations that refused restores left behind (the VM started with
+/// a new TPM, `on_refusal = "continue"`): retention never removes them;
+/// only `swtpm-keeper prune --vm VM --generation G` does.
+pub const PROTECTED_MARKER: &str = "protected.json";
+
+/// One protected generation, and the refusal that protected it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protection {
+    pub generation: String,
+    /// When and where the restore was refused (RFC 3339 UTC), and why.
+    pub time: String,
+    pub host: String,
+    pub why: String,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct ProtectedFile {
+    protected: Vec<Protection>,
+}
 
 pub struct Store {
     root: PathBuf,
@@ -102,6 +124,30 @@ impl Store {
             .collect();
         v.sort();
         Ok(v)
+    }
+
+    /// After a refused restore that let the VM start with a new TPM: keep
+    /// the generation the refusal was about (the newest that verifies,
+    /// else the newest) out of retention. Returns it; None when the store
+    /// holds no generation for the VM.
+    pub fn protect_refused(
+        &self,
+        uuid: &str,
+        timeout: Duration,
+        max: u64,
+        why: &str,
+    ) -> Result<Option<String>> {
+        if !self.vm_dir(uuid).is_dir() {
+            return Ok(None);
+        }
+        let vm = self.open_vm(uuid, timeout)?;
+        let gens = vm.generations()?;
+        let good = gens.iter().rev().find(|g| vm.load_verified(g, max).is_ok());
+        let Some(g) = good.or(gens.last()) else {
+            return Ok(None);
+        };
+        vm.protect(g, why)?;
+        Ok(Some(g.clone()))
     }
 }
 
@@ -238,12 +284,24 @@ impl VmStore {
         Ok((name, removed))
     }
 
-    /// Remove all but the newest `keep` (at least one) generations. Each is
-    /// first renamed to a trash name, so a crash mid-removal never leaves a
-    /// half-deleted directory under a generation name.
+    /// The hook's retention: remove all but the newest `keep` (at least
+    /// one) generations that are not protected. Protected ones neither go
+    /// nor count: a new TPM's stops never push out the state a refused
+    /// restore left behind.
     pub fn prune(&self, keep: usize) -> Result<Vec<String>> {
         let keep = keep.max(1);
-        let gens = self.generations()?;
+        let protected = match self.protections() {
+            Ok(p) => p,
+            Err(why) => {
+                log::warn!("{why}; retention removes nothing until it is fixed");
+                return Ok(Vec::new());
+            }
+        };
+        let gens: Vec<String> = self
+            .generations()?
+            .into_iter()
+            .filter(|g| !protected.iter().any(|p| &p.generation == g))
+            .collect();
         if gens.len() <= keep {
             return Ok(Vec::new());
         }
@@ -269,7 +327,10 @@ impl VmStore {
         for g in doomed {
             fsutil::remove_tree(&self.dir.join(format!("{TRASH_PREFIX}{g}")))?;
         }
-        fsutil::fsync_dir(&self.dir)
+        fsutil::fsync_dir(&self.dir)?;
+        // Only now: a crash before this leaves a record of a generation
+        // that is gone (harmless), never a generation without its record.
+        self.unprotect(doomed)
     }
 }
 
@@ -293,6 +354,19 @@ impl Loaded {
 
 /// Verify the generation directory `dir`; the error says what is wrong.
 pub fn load_verified(dir: &Path, max: u64) -> std::result::Result<Loaded, String> {
+    load_verified_knowing(dir, max, &[])
+}
+
+/// Bytes already in memory and hashed, as (name, sha256, bytes).
+pub type Known<'a> = (&'a str, &'a str, &'a [u8]);
+
+/// The same, where a stored file equal to its `known` bytes (with the same
+/// checksum) is not hashed again: the capture's "nothing changed" check.
+pub fn load_verified_knowing(
+    dir: &Path,
+    max: u64,
+    known: &[Known],
+) -> std::result::Result<Loaded, String> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -317,7 +391,11 @@ pub fn load_verified(dir: &Path, max: u64) -> std::result::Result<Loaded, String
             return Err(format!("{}: unexpected name {n:?}", manifest::SUMS));
         }
         let bytes = read(n)?;
-        if &manifest::sha256_hex(&bytes) != hex {
+        let sum_ok = match known.iter().find(|(k, h, _)| k == n && h == hex) {
+            Some((_, _, b)) => *b == bytes.as_slice(),
+            None => &manifest::sha256_hex(&bytes) == hex,
+        };
+        if !sum_ok {
             return Err(format!("{n}: checksum mismatch"));
         }
         files.push((n.clone(), bytes));
@@ -328,6 +406,21 @@ pub fn load_verified(dir: &Path, max: u64) -> std::result::Result<Loaded, String
         .map(|(_, b)| b)
         .ok_or_else(|| format!("{} does not list {}", manifest::SUMS, manifest::MANIFEST))?;
     let m = Manifest::from_json(mbytes).map_err(|e| format!("{}: {e}", manifest::MANIFEST))?;
+    check_manifest_files(&m, &sums, &files)?;
+    Ok(Loaded {
+        name,
+        manifest: m,
+        files,
+    })
+}
+
+/// Every file the manifest lists agrees with `SHA256SUMS`, and every TPM
+/// file passes swtpm's header rules.
+fn check_manifest_files(
+    m: &Manifest,
+    sums: &[(String, String)],
+    files: &[(String, Vec<u8>)],
+) -> std::result::Result<(), String> {
     for f in &m.files {
         match sums.iter().find(|(n, _)| n == &f.name) {
             Some((_, hex)) if hex == &f.sha256 => {}
@@ -364,16 +457,21 @@ pub fn load_verified(dir: &Path, max: u64) -> std::result::Result<Loaded, String
     if !m.files.iter().any(|f| f.role == "tpm") {
         return Err("the manifest lists no TPM state file".into());
     }
-    Ok(Loaded {
-        name,
-        manifest: m,
-        files,
-    })
+    Ok(())
 }
 
 impl VmStore {
     pub fn load_verified(&self, generation: &str, max: u64) -> std::result::Result<Loaded, String> {
         load_verified(&self.dir.join(generation), max)
+    }
+
+    pub fn load_verified_knowing(
+        &self,
+        generation: &str,
+        max: u64,
+        known: &[Known],
+    ) -> std::result::Result<Loaded, String> {
+        load_verified_knowing(&self.dir.join(generation), max, known)
     }
 
     /// Small per-VM records (`migrated-away.json`, `incoming-<host>.json`),
@@ -387,6 +485,65 @@ impl VmStore {
         let dest = self.dir.join(name);
         std::fs::rename(&tmp, &dest).ctx("rename into place", &dest)?;
         fsutil::fsync_dir(&self.dir)
+    }
+
+    /// The protected generations (see `PROTECTED_MARKER`). Err when the
+    /// record exists but cannot be read: then nothing is safe to prune.
+    pub fn protections(&self) -> std::result::Result<Vec<Protection>, String> {
+        let p = self.dir.join(PROTECTED_MARKER);
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
+        };
+        serde_json::from_slice::<ProtectedFile>(&bytes)
+            .map(|f| f.protected)
+            .map_err(|e| format!("cannot read {}: {e}", p.display()))
+    }
+
+    /// Protect `generation` from retention, recording why. Records of
+    /// generations that are gone are dropped on the way.
+    pub fn protect(&self, generation: &str, why: &str) -> Result<()> {
+        let mut list = self.protections().map_err(Error::failed)?;
+        if list.iter().any(|p| p.generation == generation) {
+            return Ok(());
+        }
+        let gens = self.generations()?;
+        list.retain(|p| gens.contains(&p.generation));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        list.push(Protection {
+            generation: generation.to_owned(),
+            time: manifest::rfc3339(now),
+            host: crate::users::host_name(),
+            why: why.to_owned(),
+        });
+        self.write_protections(list)
+    }
+
+    /// Drop the records of these generations (removed by name).
+    fn unprotect(&self, generations: &[String]) -> Result<()> {
+        let Ok(mut list) = self.protections() else {
+            return Ok(());
+        };
+        let before = list.len();
+        list.retain(|p| !generations.contains(&p.generation));
+        if list.len() == before {
+            return Ok(());
+        }
+        self.write_protections(list)
+    }
+
+    fn write_protections(&self, protected: Vec<Protection>) -> Result<()> {
+        if protected.is_empty() {
+            return self.remove_marker(PROTECTED_MARKER);
+        }
+        let mut bytes =
+            serde_json::to_vec_pretty(&ProtectedFile { protected }).expect("serializes");
+        bytes.push(b'\n');
+        self.write_marker(PROTECTED_MARKER, &bytes)
     }
 
     pub fn read_marker(&self, name: &str) -> Option<Vec<u8>> {

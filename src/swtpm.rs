@@ -4,7 +4,6 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use crate::domain::{Domain, StateSource, Tpm, TpmVersion};
@@ -44,16 +43,20 @@ impl StateLocation {
 /// The name a file-backed state gets in a generation.
 pub const FILE_STATE_NAME: &str = "tpm-state.file";
 
-/// Is `name` one of swtpm's own state files for this TPM version?
-/// swtpm names them `tpm2-00.permall`, `tpm2-00.volatilestate`,
-/// `tpm2-00.savestate` (`tpm-00.*` for TPM 1.2). Its temporaries
-/// (`TMP2-00.*`), `.lock` and anything else are not state.
+/// The blobs swtpm stores, by the names its directory backend gives them
+/// (swtpm `src/swtpm/swtpm_nvstore.c`: "tpm2-00.<blob>", "tpm-00.<blob>"
+/// for TPM 1.2; libtpms' `TPM_PERMANENT_ALL_NAME`, `TPM_VOLATILESTATE_NAME`,
+/// `TPM_SAVESTATE_NAME`).
+pub const STATE_BLOBS: [&str; 3] = ["permall", "volatilestate", "savestate"];
+
+/// Is `name` one of swtpm's own state files for this TPM version? Only
+/// the three names swtpm writes: anything else in the directory (its
+/// temporaries `TMP2-00.*`, `.lock`, a `permall.bak`, or a file the `tss`
+/// user planted) is not state, and is never read.
 pub fn is_state_file(version: TpmVersion, name: &OsStr) -> bool {
-    let b = name.as_bytes();
-    let prefix = version.file_prefix().as_bytes();
-    b.len() > prefix.len()
-        && b.starts_with(prefix)
-        && b[prefix.len()..].iter().all(|c| c.is_ascii_lowercase())
+    name.to_str()
+        .and_then(|n| n.strip_prefix(version.file_prefix()))
+        .is_some_and(|blob| STATE_BLOBS.contains(&blob))
 }
 
 /// The file whose absence means "no TPM here".
@@ -294,9 +297,19 @@ mod tests {
         assert!(!is_state_file(v2, OsStr::new("tpm2-00.")));
         assert!(!is_state_file(v2, OsStr::new("tpm2-00.permall~")));
         assert!(!is_state_file(v2, OsStr::new("tpm-00.permall")));
+        assert!(is_state_file(v2, OsStr::new("tpm2-00.savestate")));
+        for planted in [
+            "tpm2-00.evil",
+            "tpm2-00.permallx",
+            "tpm2-00.permall.bak",
+            "tpm2-01.permall",
+        ] {
+            assert!(!is_state_file(v2, OsStr::new(planted)), "{planted}");
+        }
         assert!(is_state_file(
             TpmVersion::V1_2,
             OsStr::new("tpm-00.permall")
         ));
+        assert!(!is_state_file(TpmVersion::V1_2, OsStr::new("tpm-00.evil")));
     }
 }

@@ -447,13 +447,18 @@ fn restore_falls_back_past_a_damaged_newest_generation() {
 }
 
 #[test]
-fn prune_keeps_the_last_generation_of_a_defined_vm_unless_named() {
+fn prune_keeps_each_vms_newest_good_generation_and_removes_it_only_by_name() {
     let h = fixture_store("prune");
     let out = h.run(&["prune", "--keep", "0", "--dry-run"], b"");
     assert_eq!(out.status.code(), Some(0));
     let text = stdout(&h, &out);
-    assert!(text.contains(&format!("kept {A} {G3}")), "{text}");
-    assert!(text.ends_with("would remove 5 generations\n"), "{text}");
+    for (vm, g) in [(A, G3), (B, G2), (C, G1)] {
+        assert!(
+            text.contains(&format!("kept {vm} {g} ")),
+            "{vm} {g}: {text}"
+        );
+    }
+    assert!(text.ends_with("would remove 3 generations\n"), "{text}");
     assert_eq!(
         h.generations(A).len() + h.generations(B).len() + h.generations(C).len(),
         6,
@@ -471,18 +476,15 @@ fn prune_keeps_the_last_generation_of_a_defined_vm_unless_named() {
         .to_string_lossy()
         .starts_with(".trash")));
 
-    // Older than: C is not defined, so its last generation may go.
+    // Older than: every VM keeps its newest good generation, defined or not.
     let out = h.run(&["prune", "--older-than", "1"], b"");
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(h.generations(A), [G3], "defined VM keeps its last");
-    assert!(h.generations(C).is_empty());
-    // Named, even a defined VM's last generation goes.
-    assert_eq!(
-        h.run(&["prune", "--keep", "0", "--vm", "win11"], b"")
-            .status
-            .code(),
-        Some(0)
-    );
+    assert_eq!(h.generations(A), [G3]);
+    assert_eq!(h.generations(C), [G1]);
+    // Naming the VM is not enough; naming the generation is.
+    assert_ok(&h.run(&["prune", "--keep", "0", "--vm", "win11"], b""));
+    assert_eq!(h.generations(A), [G3]);
+    assert_ok(&h.run(&["prune", "--vm", "win11", "--generation", G3], b""));
     assert!(h.generations(A).is_empty());
 }
 

@@ -312,7 +312,14 @@ fn links_and_files_planted_where_a_restore_writes_are_never_followed() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
     assert!(!h.root.join("elsewhere").exists(), "the link was followed");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
-    // NVRAM went first and went through a temporary of its own.
+    // A refusal writes neither half of the pair.
+    assert!(std::fs::symlink_metadata(h.nvram_path()).is_err());
+
+    // Without the link, the NVRAM goes through a temporary of its own.
+    std::fs::remove_file(h.state_dir(UUID_EFI)).unwrap();
+    let out = h.hook("efitest", "prepare", "begin", "-", &h.efi_xml());
+    assert_ok(&out);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     assert_eq!(std::fs::read(h.nvram_path()).unwrap(), b"vars");
     assert!(!std::fs::symlink_metadata(h.nvram_path())
         .unwrap()

@@ -46,64 +46,72 @@ pub fn run(cfg: &Config, json: bool, out: &mut dyn Write) -> Result<i32> {
     } else if vms.is_empty() {
         writeln!(out, "The store {} holds no VM.", store.root().display()).map_err(w)?;
     } else {
-        let rows: Vec<[String; 7]> = vms
-            .iter()
-            .map(|v| {
-                let mut flags = Vec::new();
-                for (on, f) in [
-                    (v.encrypted, "encrypted"),
-                    (v.nvram, "nvram"),
-                    (v.migrated_away, "migrated"),
-                    (v.defined, "defined"),
-                ] {
-                    if on {
-                        flags.push(f);
-                    }
-                }
-                let (time, event) = match &v.newest {
-                    Some(n) => (
-                        n.time.clone(),
-                        if n.reason == "-" {
-                            n.event.clone()
-                        } else {
-                            format!("{} ({})", n.event, n.reason)
-                        },
-                    ),
-                    None => ("-".into(), "-".into()),
-                };
-                [
-                    sanitize(&v.name),
-                    v.uuid.clone(),
-                    v.generations.to_string(),
-                    time,
-                    event,
-                    human_bytes(v.total_bytes),
-                    flags.join(","),
-                ]
-            })
-            .collect();
-        let head = ["NAME", "UUID", "GENS", "NEWEST", "EVENT", "SIZE", "FLAGS"];
-        let mut width = head.map(|h| h.chars().count());
-        for r in &rows {
-            for (i, c) in r.iter().enumerate() {
-                width[i] = width[i].max(c.chars().count());
-            }
-        }
-        let line = |cells: &[String]| {
-            let mut s = String::new();
-            for (i, c) in cells.iter().enumerate() {
-                if i + 1 == cells.len() {
-                    s.push_str(c);
-                } else {
-                    s.push_str(&format!("{c:<w$}  ", w = width[i]));
-                }
-            }
-            s.trim_end().to_owned()
-        };
-        writeln!(out, "{}", line(&head.map(String::from))).map_err(w)?;
-        for r in &rows {
-            writeln!(out, "{}", line(r)).map_err(w)?;
-        }
+        out.write_all(table(&vms).as_bytes()).map_err(w)?;
     }
     Ok(if problems > 0 { 1 } else { 0 })
+}
+
+/// One row per VM, columns padded to their widest cell.
+fn table(vms: &[VmSummary]) -> String {
+    let rows: Vec<[String; 7]> = vms
+        .iter()
+        .map(|v| {
+            let mut flags = Vec::new();
+            for (on, f) in [
+                (v.encrypted, "encrypted"),
+                (v.nvram, "nvram"),
+                (v.migrated_away, "migrated"),
+                (v.defined, "defined"),
+                (v.protected, "protected"),
+            ] {
+                if on {
+                    flags.push(f);
+                }
+            }
+            let (time, event) = match &v.newest {
+                Some(n) => (
+                    n.time.clone(),
+                    if n.reason == "-" {
+                        n.event.clone()
+                    } else {
+                        format!("{} ({})", n.event, n.reason)
+                    },
+                ),
+                None => ("-".into(), "-".into()),
+            };
+            [
+                sanitize(&v.name),
+                v.uuid.clone(),
+                v.generations.to_string(),
+                time,
+                event,
+                human_bytes(v.total_bytes),
+                flags.join(","),
+            ]
+        })
+        .collect();
+    let head = ["NAME", "UUID", "GENS", "NEWEST", "EVENT", "SIZE", "FLAGS"];
+    let mut width = head.map(|h| h.chars().count());
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        s.trim_end().to_owned()
+    };
+    let mut text = format!("{}\n", line(&head.map(String::from)));
+    for r in &rows {
+        text.push_str(&line(r));
+        text.push('\n');
+    }
+    text
 }

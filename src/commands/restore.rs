@@ -168,6 +168,7 @@ pub fn run(
 
     let qc = QemuConf::load(&cfg.qemu_conf);
     let nvram = restore::put_back(
+        &vm,
         &gen,
         &domain,
         &loc,
