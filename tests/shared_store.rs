@@ -211,3 +211,44 @@ fn a_crashed_capture_leaves_temporaries_named_after_its_host_and_pid() {
         assert!(!h.vm_store(UUID_TRANS).join(&left[0]).exists(), "{fp}");
     }
 }
+
+#[test]
+fn list_and_show_name_the_host_that_took_the_generation() {
+    let h = Host::new("shared-host-shown");
+    let permall = fixture("tpm2-00.permall.plain");
+    let xml = domain_xml("tpmtrans", UUID_TRANS, None, None);
+    // write_generation records the host `host-a`, not this one.
+    assert_ne!(leftover::host_tag(), "host-a");
+    write_generation(
+        &h,
+        &FixtureGen {
+            uuid: UUID_TRANS,
+            vm: "tpmtrans",
+            generation: GEN,
+            time_unix: 1_795_219_200,
+            event: "stopped",
+            reason: "-",
+            secret: None,
+            files: &[
+                ("tpm2-00.permall", "tpm", &permall),
+                ("domain.xml", "domain", xml.as_bytes()),
+            ],
+        },
+    );
+    let out = h.run(&["list"], b"");
+    assert_ok(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let col = lines[0].find("HOST").expect("no HOST column");
+    assert!(lines[1][col..].starts_with("host-a "), "{text}");
+
+    let out = h.run(&["list", "--json"], b"");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["vms"][0]["newest"]["host"], "host-a");
+
+    let out = h.run(&["show", "tpmtrans"], b"");
+    assert_ok(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("{GEN}  captured ")), "{text}");
+    assert!(text.contains(" on host-a,"), "{text}");
+}
