@@ -21,8 +21,11 @@
 #      a duplicate, each passing `sha256sum -c`, each with a different
 #      state (nothing was overwritten), RUNS recorded by each host; no
 #      temporaries are left; `verify` through the other view agrees.
+#   3. Host A keeps a temporary named after host B while it is recent,
+#      and removes it once its mtime (set through view 2) is 2 hours old.
 #
-# Settings: SWTPM_KEEPER_BIN (default target/release, else target/debug),
+# Settings: SWTPM_KEEPER_BIN (default: the newer of target/release and
+# target/debug),
 # SK_SHARED_RUNS (16).
 set -euo pipefail
 
@@ -35,8 +38,11 @@ RUNS=${SK_SHARED_RUNS:-16}
 HOSTS=(sk-shared-host-a sk-shared-host-b)
 
 if [ -z "${SWTPM_KEEPER_BIN:-}" ]; then
+    # The newer of the release and debug builds: never a stale one.
     for b in "$repo/target/release/swtpm-keeper" "$repo/target/debug/swtpm-keeper"; do
-        [ -x "$b" ] && { SWTPM_KEEPER_BIN=$b; break; }
+        [ -x "$b" ] || continue
+        [ -n "${SWTPM_KEEPER_BIN:-}" ] && [ ! "$b" -nt "$SWTPM_KEEPER_BIN" ] && continue
+        SWTPM_KEEPER_BIN=$b
     done
 fi
 [ -x "${SWTPM_KEEPER_BIN:-}" ] || { echo "shared-store.sh: build swtpm-keeper first (cargo build --release)" >&2; exit 1; }
@@ -90,6 +96,7 @@ T=$(mktemp -d /tmp/sk-shared-XXXXXX)
 SUB=swtpm-keeper-shared-store-$$
 cleanup() {
     local rc=$?
+    cd /
     rm -rf "${SK_SHARED_VIEW1:?}/$SUB" "$T"
     [ -n "$own_gluster" ] && { "$here/gluster.sh" down || rc=1; }
     exit $rc
@@ -209,6 +216,27 @@ cd /
 SWTPM_KEEPER_CONFIG=$T/h1/conf "$BIN" verify >"$T/verify.out" 2>&1 \
     || fail "verify through view 2 failed: $(cat "$T/verify.out")"
 [ "$(grep -c '^ok ' "$T/verify.out")" = "$total" ] || fail "verify did not report $total good generations: $(cat "$T/verify.out")"
+
+# --- 3. another host's temporary: kept while recent, removed when old ----
+# Host B's (named after it) is written through view 2; host A judges it
+# by the mtime it reads through view 1.
+capture_a() {
+    printf '%-24s' "leftover/$1" | dd of="$T/h0/swtpm/$UUID/tpm2/tpm2-00.permall" \
+        bs=1 seek=64 conv=notrunc status=none
+    unshare -u sh -c 'hostname "$0" && exec "$@"' "${HOSTS[0]}" \
+        env SWTPM_KEEPER_CONFIG="$T/h0/conf" "$BIN" hook "$VM" stopped end - \
+        <"$fixtures/tpm2-transient.stopped.xml" >/dev/null 2>"$T/leftover.err" \
+        || fail "host A's capture failed: $(cat "$T/leftover.err")"
+}
+foreign=".tmp-${HOSTS[1]}@1-00000999-20261121T000000Z"
+mkdir "$V2/$UUID/$foreign"
+echo half >"$V2/$UUID/$foreign/tpm2-00.permall"
+capture_a 1
+[ -d "$V1/$UUID/$foreign" ] || fail "host A removed host B's recent temporary"
+grep -q "kept .*$foreign" "$T/leftover.err" || fail "keeping host B's temporary was not logged: $(cat "$T/leftover.err")"
+touch -d '2 hours ago' "$V2/$UUID/$foreign"
+capture_a 2
+[ ! -e "$V1/$UUID/$foreign" ] || fail "host A kept host B's 2-hour-old temporary"
 
 slowest=$(cat "$T"/h*/time.* | awk '{d = $2 - $1; if (d > m) m = d} END {printf "%.2f", m}')
 echo "shared-store.sh: ok: flock holds across views; $total concurrent captures from 2 hosts in ${took} s (slowest run ${slowest} s), all verified"
