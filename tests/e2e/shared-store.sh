@@ -7,7 +7,8 @@
 # swtpm_dir, each seeing the store through its own mount of one shared
 # volume. By default that is the GlusterFS volume of tests/e2e/gluster.sh
 # (set up here and torn down afterwards); on a real cluster, mount the
-# shared filesystem on one machine twice (or give two mounts of it) and set
+# shared filesystem on one machine twice, each mount a client of its own
+# (NFS: -o nosharecache; CephFS: -o noshare; GlusterFS: always), and set
 #   SK_SHARED_VIEW1=/mnt/a SK_SHARED_VIEW2=/mnt/b tests/e2e/shared-store.sh
 # It works in a fresh directory on the views and removes it afterwards.
 #
@@ -103,6 +104,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# One superblock behind both (a bind mount, or NFS/CephFS sharing one
+# client between two mounts of an export) would make flock local to this
+# kernel: the test would prove nothing about the filesystem's locks.
+[ "$(stat -c %d "$SK_SHARED_VIEW1")" != "$(stat -c %d "$SK_SHARED_VIEW2")" ] \
+    || fail "$SK_SHARED_VIEW1 and $SK_SHARED_VIEW2 are one mount (same device): mount the second as a client of its own (NFS: -o nosharecache; CephFS: -o noshare)"
 V1=$SK_SHARED_VIEW1/$SUB
 V2=$SK_SHARED_VIEW2/$SUB
 mkdir -p "$V1"
