@@ -396,6 +396,12 @@ impl VmStore {
             .collect();
         for (g, t) in doomed.iter().zip(&trash) {
             std::fs::rename(self.dir.join(g), t).ctx("rename for removal", t)?;
+            // Its mtime was the capture's: make it the removal's, so that
+            // another host judges this trash by when it began (`leftover`).
+            // Best effort: it is doomed either way.
+            if let Ok(f) = std::fs::File::open(t) {
+                let _ = f.set_modified(SystemTime::now());
+            }
         }
         fsutil::fsync_dir(&self.dir)?;
         failpoint::hit("prune-after-rename");

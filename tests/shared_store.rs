@@ -175,7 +175,8 @@ fn an_unowned_temporary_of_0_1_0_is_removed_only_when_an_hour_old() {
 }
 
 /// What a run killed just before its rename leaves: named after its host
-/// and pid (then a later run here removes it: the pid is gone).
+/// and pid, modified when the run made it (a trash too, though its
+/// generation is old), and removed by a later run here (the pid is gone).
 #[cfg(feature = "failpoints")]
 #[test]
 fn a_crashed_capture_leaves_temporaries_named_after_its_host_and_pid() {
@@ -187,6 +188,13 @@ fn a_crashed_capture_leaves_temporaries_named_after_its_host_and_pid() {
         let mut state = fixture("tpm2-00.permall.plain");
         state[100] ^= prefix.len() as u8;
         h.put_state(UUID_TRANS, &[("tpm2-00.permall", &state)]);
+        // The generation about to be pruned is old: its trash must not be.
+        for g in h.generations(UUID_TRANS) {
+            std::fs::File::open(h.vm_store(UUID_TRANS).join(g))
+                .unwrap()
+                .set_modified(SystemTime::now() - Duration::from_secs(7200))
+                .unwrap();
+        }
         let out = run_with(
             h.command(&["hook", "tpmtrans", "stopped", "end", "-"])
                 .env("SWTPM_KEEPER_FAILPOINT", fp),
@@ -207,6 +215,13 @@ fn a_crashed_capture_leaves_temporaries_named_after_its_host_and_pid() {
             leftover::owner(&left[0][prefix.len()..]),
             leftover::Owner::Run { .. }
         ));
+        let age = std::fs::metadata(h.vm_store(UUID_TRANS).join(&left[0]))
+            .unwrap()
+            .modified()
+            .unwrap()
+            .elapsed()
+            .unwrap_or_default();
+        assert!(age < Duration::from_secs(600), "{fp}: {age:?} old");
         stop(&h);
         assert!(!h.vm_store(UUID_TRANS).join(&left[0]).exists(), "{fp}");
     }
