@@ -86,29 +86,30 @@ fi
 unshare -u true 2>/dev/null || fail "cannot create a UTS namespace (unshare -u)"
 
 own_gluster=
-if [ -z "${SK_SHARED_VIEW1:-}" ] || [ -z "${SK_SHARED_VIEW2:-}" ]; then
-    "$here/gluster.sh" up
-    own_gluster=1
-    mapfile -t views < <("$here/gluster.sh" views)
-    SK_SHARED_VIEW1=${views[0]}
-    SK_SHARED_VIEW2=${views[1]}
-fi
-T=$(mktemp -d /tmp/sk-shared-XXXXXX)
+T=
 SUB=swtpm-keeper-shared-store-$$
 cleanup() {
     local rc=$?
     cd /
-    rm -rf "${SK_SHARED_VIEW1:?}/$SUB" "$T"
+    [ -n "$T" ] && rm -rf "${SK_SHARED_VIEW1:?}/$SUB" "$T"
     [ -n "$own_gluster" ] && { "$here/gluster.sh" down || rc=1; }
     exit $rc
 }
 trap cleanup EXIT
+if [ -z "${SK_SHARED_VIEW1:-}" ] || [ -z "${SK_SHARED_VIEW2:-}" ]; then
+    own_gluster=1
+    "$here/gluster.sh" up || fail "cannot set up GlusterFS (tests/e2e/gluster.sh up, above)"
+    mapfile -t views < <("$here/gluster.sh" views)
+    SK_SHARED_VIEW1=${views[0]}
+    SK_SHARED_VIEW2=${views[1]}
+fi
 
 # One superblock behind both (a bind mount, or NFS/CephFS sharing one
 # client between two mounts of an export) would make flock local to this
 # kernel: the test would prove nothing about the filesystem's locks.
 [ "$(stat -c %d "$SK_SHARED_VIEW1")" != "$(stat -c %d "$SK_SHARED_VIEW2")" ] \
     || fail "$SK_SHARED_VIEW1 and $SK_SHARED_VIEW2 are one mount (same device): mount the second as a client of its own (NFS: -o nosharecache; CephFS: -o noshare)"
+T=$(mktemp -d /tmp/sk-shared-XXXXXX)
 V1=$SK_SHARED_VIEW1/$SUB
 V2=$SK_SHARED_VIEW2/$SUB
 mkdir -p "$V1"
