@@ -1,6 +1,7 @@
 # swtpm-keeper: build, install, test.
 #   make                      build the release binary (cargo)
-#   make install              install (as root); DESTDIR, PREFIX, ... below
+#   make install              install (as root); DESTDIR, PREFIX, ... below;
+#                             starts the capture timer where systemd runs
 #   make uninstall            remove what install put in place; the store stays
 #   make test                 the unprivileged tests (cargo test; any user)
 #   make lint                 cargo fmt --check and cargo clippy -D warnings
@@ -15,6 +16,8 @@ SBINDIR       ?= $(PREFIX)/sbin
 LIBEXECDIR    ?= $(PREFIX)/libexec
 MANDIR        ?= $(PREFIX)/share/man
 SYSCONFDIR    ?= /etc
+# systemd's system unit directory (the capture timer).
+UNITDIR       ?= $(PREFIX)/lib/systemd/system
 LOCALSTATEDIR ?= /var
 # The hook's file name in qemu.d/ (libvirt runs them in strcmp order).
 HOOKNAME      ?= swtpm-keeper
@@ -56,9 +59,23 @@ install: $(BIN)
 	install -D -m 0644 docs/swtpm-keeper.8 $(DESTDIR)$(MANDIR)/man8/swtpm-keeper.8
 	install -D -m 0644 docs/swtpm-keeper.conf.5 $(DESTDIR)$(MANDIR)/man5/swtpm-keeper.conf.5
 	install -d -m 0700 $(DESTDIR)$(STOREDIR)
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	sed 's|/usr/sbin/swtpm-keeper|$(SBINDIR)/swtpm-keeper|' packaging/systemd/swtpm-keeper-capture.service \
+	    > $(DESTDIR)$(UNITDIR)/swtpm-keeper-capture.service
+	install -m 0644 packaging/systemd/swtpm-keeper-capture.timer $(DESTDIR)$(UNITDIR)/
+	chmod 0644 $(DESTDIR)$(UNITDIR)/swtpm-keeper-capture.service
 	@if [ -z "$(DESTDIR)" ]; then packaging/reload-libvirt; fi
+	@# Where systemd runs, the capture timer starts now (a package does the same).
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	    systemctl daemon-reload && systemctl enable --now swtpm-keeper-capture.timer; \
+	elif [ -z "$(DESTDIR)" ]; then \
+	    echo "systemd does not run here: capture running VMs from cron, see swtpm-keeper(8), CAPTURE"; fi
 
 uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	    systemctl disable --now swtpm-keeper-capture.timer 2>/dev/null || true; fi
+	rm -f $(DESTDIR)$(UNITDIR)/swtpm-keeper-capture.service $(DESTDIR)$(UNITDIR)/swtpm-keeper-capture.timer
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	rm -f $(DESTDIR)$(HOOKDIR)/$(HOOKNAME) $(DESTDIR)$(SBINDIR)/swtpm-keeper
 	rm -f $(DESTDIR)$(PKGLIBEXEC)/swtpm-keeper $(DESTDIR)$(PKGLIBEXEC)/reload-libvirt \
 	    $(DESTDIR)$(PKGLIBEXEC)/qemu-chain

@@ -516,6 +516,7 @@ fn build_store(root: &Path, vms: usize, gens: usize) {
                     owner: None,
                     group: None,
                     sha256: sha,
+                    identity: None,
                 });
             }
             let m = Manifest {
@@ -541,6 +542,8 @@ fn build_store(root: &Path, vms: usize, gens: usize) {
                 },
                 nvram: None,
                 files,
+                live: false,
+                vm_state: None,
             };
             let mj = m.to_json();
             fs::write(gd.join(manifest::MANIFEST), &mj).unwrap();

@@ -2,15 +2,18 @@
 //! them to the store as a new generation, unless nothing changed.
 
 use std::ffi::OsStr;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::domain::{Domain, Tpm, TpmVersion};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{self, FileData};
+use crate::fsutil::{self, FileData, Identity};
+use crate::live::{self, FileRead, Reading, Seen};
 use crate::manifest::{self, FileEntry, Manifest, NvramInfo, TpmInfo};
 use crate::restore;
+use crate::running::RunningVm;
 use crate::store::{Known, Store, VmStore};
 use crate::swtpm::{self, StateLocation};
 use crate::users;
@@ -39,11 +42,12 @@ pub enum Outcome {
     Unchanged {
         generation: String,
         path: PathBuf,
+        /// Nothing was read: every source file kept its identity since the
+        /// last live capture saw it in this generation.
+        unread: bool,
     },
     /// No state file at libvirt's path (the TPM never ran, or it is gone).
-    NoState {
-        path: PathBuf,
-    },
+    NoState { path: PathBuf },
 }
 
 struct Captured {
@@ -84,39 +88,63 @@ impl Budget {
     }
 }
 
-/// Read a file for the generation: at most `max` bytes, and within the
-/// budget, checked before reading (nothing is read that cannot be kept)
-/// and again after (the size may change meanwhile).
-fn read_counted(
-    f: &mut std::fs::File,
+/// Open a file for the generation, refusing one that would take it over
+/// its budget before a byte is read (nothing is read that cannot be kept).
+/// A file over `max_file_size` is left to the read, which says so.
+fn open_within(
+    open: impl Fn() -> Result<Option<File>>,
     path: &Path,
     max: u64,
-    budget: &mut Budget,
-) -> Result<FileData> {
-    let size = fsutil::fstat(f).ctx("stat", path)?.st_size as u64;
+    budget: &Budget,
+) -> Result<Option<File>> {
+    let Some(f) = open()? else {
+        return Ok(None);
+    };
+    let size = fsutil::fstat(&f).ctx("stat", path)?.st_size as u64;
     if size <= max {
         budget.check(&path.display(), size)?;
     }
-    let data = fsutil::read_regular(f, path, max)?;
-    budget.take(&path.display(), data.bytes.len() as u64)?;
-    Ok(data)
+    Ok(Some(f))
+}
+
+/// Read one file of the generation as `reading` allows, checked by
+/// `check`, and count it against the budget.
+fn read_counted<T>(
+    reading: Reading,
+    r: &FileRead,
+    open: impl Fn() -> Result<Option<File>>,
+    check: impl Fn(&[u8]) -> std::result::Result<T, String>,
+    budget: &mut Budget,
+) -> Result<Option<(FileData, T)>> {
+    let b: &Budget = budget;
+    let got = live::read_file(reading, r, || open_within(&open, r.path, r.max, b), check)?;
+    if let Some((d, _)) = &got {
+        budget.take(&r.path.display(), d.bytes.len() as u64)?;
+    }
+    Ok(got)
 }
 
 /// Read the swtpm state at `loc`. `Ok(None)` when there is none.
 fn read_state(
     loc: &StateLocation,
     version: TpmVersion,
+    reading: Reading,
     max: u64,
     budget: &mut Budget,
 ) -> Result<Option<(Vec<Captured>, u16)>> {
     match loc {
         StateLocation::File(path) => {
-            let Some(mut f) = fsutil::open_if_exists(path, false)? else {
+            let r = FileRead {
+                path,
+                max,
+                patience: live::STATE_PATIENCE,
+                must_exist: false,
+            };
+            let open = || fsutil::open_if_exists(path, false);
+            let Some((data, ())) = read_counted(reading, &r, open, swtpm::check_linear, budget)?
+            else {
                 return Ok(None);
             };
-            let data = read_counted(&mut f, path, max, budget)?;
-            swtpm::check_linear(&data.bytes)
-                .map_err(|why| Error::failed(format!("refusing {}: {why}", path.display())))?;
             let c = Captured {
                 name: swtpm::FILE_STATE_NAME.into(),
                 role: "tpm",
@@ -125,7 +153,7 @@ fn read_state(
             };
             Ok(Some((vec![c], 0)))
         }
-        StateLocation::Dir(dir_path) => read_state_dir(dir_path, version, max, budget),
+        StateLocation::Dir(dir_path) => read_state_dir(dir_path, version, reading, max, budget),
     }
 }
 
@@ -133,32 +161,41 @@ fn read_state(
 fn read_state_dir(
     dir_path: &Path,
     version: TpmVersion,
+    reading: Reading,
     max: u64,
     budget: &mut Budget,
 ) -> Result<Option<(Vec<Captured>, u16)>> {
     let Some(dir) = fsutil::open_if_exists(dir_path, true)? else {
         return Ok(None);
     };
-    wait_for_swtpm_exit(&dir, dir_path)?;
-    let mut names: Vec<_> = fsutil::list_dir(&dir, dir_path)?
-        .into_iter()
-        .filter(|n| swtpm::is_state_file(version, n))
-        .collect();
-    names.sort();
-    let permall = swtpm::permall_name(version);
-    if !names.iter().any(|n| n == OsStr::new(&permall)) {
-        return Ok(None);
+    if reading == Reading::AtStop {
+        wait_for_swtpm_exit(&dir, dir_path)?;
     }
+    let Some(names) = state_names(&dir, dir_path, version, reading)? else {
+        return Ok(None);
+    };
+    let permall = swtpm::permall_name(version);
     let mut out = Vec::new();
     let mut flags = 0;
-    for n in names {
-        let path = dir_path.join(&n);
-        let mut f = fsutil::open_in_dir(&dir, &n).ctx("open", &path)?;
-        let data = read_counted(&mut f, &path, max, budget)?;
-        let name = n.to_string_lossy().into_owned();
+    for name in names {
+        let path = dir_path.join(&name);
         let is_permall = name == permall;
-        let f_flags = swtpm::check_blob(&data.bytes, is_permall && version == TpmVersion::V2_0)
-            .map_err(|why| Error::failed(format!("refusing {}: {why}", path.display())))?;
+        let r = FileRead {
+            path: &path,
+            max,
+            patience: live::STATE_PATIENCE,
+            must_exist: is_permall,
+        };
+        let open = || match fsutil::open_in_dir(&dir, OsStr::new(&name)) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("open", &path, e)),
+        };
+        let check = |b: &[u8]| swtpm::check_blob(b, is_permall && version == TpmVersion::V2_0);
+        // A volatile state that went away meanwhile is simply not there.
+        let Some((data, f_flags)) = read_counted(reading, &r, open, check, budget)? else {
+            continue;
+        };
         if is_permall {
             flags = f_flags;
         }
@@ -170,6 +207,33 @@ fn read_state_dir(
         });
     }
     Ok(Some((out, flags)))
+}
+
+/// The names of swtpm's state files in `dir`, sorted; `None` without a
+/// permanent state. Live, a `permall` renamed to `.bak` by swtpm's backup
+/// mode counts as there: it is being written again.
+fn state_names(
+    dir: &File,
+    dir_path: &Path,
+    version: TpmVersion,
+    reading: Reading,
+) -> Result<Option<Vec<String>>> {
+    let listed = fsutil::list_dir(dir, dir_path)?;
+    let mut names: Vec<String> = listed
+        .iter()
+        .filter(|n| swtpm::is_state_file(version, n))
+        .filter_map(|n| n.to_str().map(str::to_owned))
+        .collect();
+    let permall = swtpm::permall_name(version);
+    let backup = format!("{permall}.bak");
+    if !names.contains(&permall) {
+        if reading == Reading::AtStop || !listed.iter().any(|n| n == OsStr::new(&backup)) {
+            return Ok(None);
+        }
+        names.push(permall);
+    }
+    names.sort();
+    Ok(Some(names))
 }
 
 /// Never copy a live state: wait briefly for swtpm to drop its fcntl lock.
@@ -195,18 +259,25 @@ fn wait_for_swtpm_exit(dir: &std::fs::File, dir_path: &Path) -> Result<()> {
     }
 }
 
-fn read_nvram(path: &Path, max: u64, budget: &mut Budget) -> Result<Option<FileData>> {
-    let Some(mut f) = fsutil::open_if_exists(path, false)? else {
-        return Ok(None);
+/// The UEFI vars file; QEMU writes it in place while the VM runs.
+fn read_nvram(
+    path: &Path,
+    reading: Reading,
+    max: u64,
+    budget: &mut Budget,
+) -> Result<Option<FileData>> {
+    let r = FileRead {
+        path,
+        max,
+        patience: live::NVRAM_PATIENCE,
+        must_exist: false,
     };
-    let d = read_counted(&mut f, path, max, budget)?;
-    if d.bytes.is_empty() {
-        return Err(Error::failed(format!(
-            "refusing NVRAM {}: the file is empty",
-            path.display()
-        )));
-    }
-    Ok(Some(d))
+    let open = || fsutil::open_if_exists(path, false);
+    let not_empty = |b: &[u8]| match b.is_empty() {
+        true => Err("the NVRAM file is empty".to_owned()),
+        false => Ok(()),
+    };
+    Ok(read_counted(reading, &r, open, not_empty, budget)?.map(|(d, ())| d))
 }
 
 /// libvirt's inactive definition of a persistent domain, if it has one
@@ -234,6 +305,7 @@ fn entry(c: &Captured) -> FileEntry {
         owner: users::user_name(c.data.uid),
         group: users::group_name(c.data.gid),
         sha256: manifest::sha256_hex(&c.data.bytes),
+        identity: c.source.as_ref().and(c.data.identity),
     }
 }
 
@@ -249,9 +321,7 @@ pub fn capture(
     capture_locked(cfg, &vm, domain, tpm, event, live_xml)
 }
 
-/// The same, into a VM store the caller has locked exclusively: collect
-/// the files, describe them, then store them unless the newest generation
-/// already holds this state and verifies.
+/// The same, into a VM store the caller has locked exclusively.
 pub fn capture_locked(
     cfg: &Config,
     vm: &VmStore,
@@ -260,15 +330,126 @@ pub fn capture_locked(
     event: &Event,
     live_xml: &[u8],
 ) -> Result<Outcome> {
+    capture_read(cfg, vm, domain, tpm, event, live_xml, Reading::AtStop).map(|(o, _)| o)
+}
+
+/// Capture as `reading` allows, into a VM store the caller has locked
+/// exclusively: collect the files, describe them, then store them unless
+/// the newest generation already holds this state and verifies. Also
+/// returns the identity of each source file read.
+fn capture_read(
+    cfg: &Config,
+    vm: &VmStore,
+    domain: &Domain,
+    tpm: &Tpm,
+    event: &Event,
+    live_xml: &[u8],
+    reading: Reading,
+) -> Result<(Outcome, Vec<(String, Identity)>)> {
     let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
-    let Some(c) = collect(cfg, domain, tpm, &loc, live_xml)? else {
-        return Ok(Outcome::NoState {
-            path: loc.path().to_owned(),
-        });
+    let Some(c) = collect(cfg, domain, tpm, &loc, live_xml, reading)? else {
+        let path = loc.path().to_owned();
+        return Ok((Outcome::NoState { path }, Vec::new()));
     };
-    let m = build_manifest(domain, tpm, &loc, event, &c);
+    let mut m = build_manifest(domain, tpm, &loc, event, &c);
+    m.live = reading != Reading::AtStop;
+    m.vm_state = Some(reading.vm_state().to_owned());
+    let mut read: Vec<(String, Identity)> = c
+        .files
+        .iter()
+        .filter(|f| f.role == "tpm" || f.role == "nvram")
+        .filter_map(|f| Some((f.source.as_ref()?.display().to_string(), f.data.identity?)))
+        .collect();
+    read.sort_by(|a, b| a.0.cmp(&b.0));
     crate::failpoint::hit("capture-after-read");
-    store_unless_unchanged(cfg, vm, domain, c.files, &m, event)
+    let outcome = store_unless_unchanged(cfg, vm, domain, c.files, &m, event)?;
+    Ok((outcome, read))
+}
+
+/// Capture a VM that runs (or is paused), into its store locked by the
+/// caller, without touching swtpm or QEMU. Nothing is read when every
+/// source file still has the identity the last live capture saw in the
+/// newest generation (`live::Seen`, in `run_dir`); otherwise each file is
+/// read until two reads agree.
+pub fn capture_running(cfg: &Config, vm: &VmStore, running: &RunningVm) -> Result<Outcome> {
+    let domain = &running.domain;
+    let tpm = domain
+        .tpm
+        .as_ref()
+        .ok_or_else(|| Error::failed(format!("VM {} has no emulator TPM", domain.name)))?;
+    let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
+    let now = unix_now();
+    let before = source_identities(&loc, tpm.version, domain.nvram.as_deref());
+    if let (Some(seen), Some(g)) = (
+        Seen::load(&cfg.run_dir, &domain.uuid),
+        vm.generations()?.last(),
+    ) {
+        if seen.holds(g, &before, now) {
+            let (generation, path) = (g.clone(), vm.dir().join(g));
+            return Ok(Outcome::Unchanged {
+                generation,
+                path,
+                unread: true,
+            });
+        }
+    }
+    let reading = Reading::Live {
+        paused: running.status.state == "paused",
+    };
+    let event = Event {
+        op: "capture".into(),
+        sub_op: "live".into(),
+        extra: "-".into(),
+    };
+    let (outcome, read) = capture_read(cfg, vm, domain, tpm, &event, &running.live_xml, reading)?;
+    if let Outcome::Stored { generation, .. } | Outcome::Unchanged { generation, .. } = &outcome {
+        let seen = Seen {
+            generation: generation.clone(),
+            verified_unix: now,
+            files: read,
+        };
+        if let Err(e) = seen.save(&cfg.run_dir, &domain.uuid) {
+            log::warn!("{e}: the next pass reads {}'s state again", domain.name);
+        }
+    }
+    Ok(outcome)
+}
+
+/// swtpm's state files and the NVRAM as they are now, with their
+/// identities, sorted by path: what a live pass compares before reading.
+fn source_identities(
+    loc: &StateLocation,
+    version: TpmVersion,
+    nvram: Option<&Path>,
+) -> Vec<(String, Identity)> {
+    let mut paths: Vec<PathBuf> = match loc {
+        StateLocation::File(p) => vec![p.clone()],
+        StateLocation::Dir(d) => std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| swtpm::is_state_file(version, n))
+            .map(|n| d.join(n))
+            .collect(),
+    };
+    paths.extend(nvram.map(Path::to_path_buf));
+    let mut v: Vec<(String, Identity)> = paths
+        .iter()
+        .filter_map(|p| {
+            let m = std::fs::symlink_metadata(p).ok()?;
+            Some((p.display().to_string(), Identity::of_metadata(&m)))
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Everything a generation holds, read and checked.
@@ -288,14 +469,15 @@ fn collect(
     tpm: &Tpm,
     loc: &StateLocation,
     live_xml: &[u8],
+    reading: Reading,
 ) -> Result<Option<Collected>> {
     let mut budget = Budget::new(cfg.max_generation_size());
     let Some((mut files, header_flags)) =
-        read_state(loc, tpm.version, cfg.max_file_size, &mut budget)?
+        read_state(loc, tpm.version, reading, cfg.max_file_size, &mut budget)?
     else {
         return Ok(None);
     };
-    let nvram = collect_nvram(cfg, domain, &mut files, &mut budget)?;
+    let nvram = collect_nvram(cfg, domain, reading, &mut files, &mut budget)?;
     let (persistent, domain_xml_from) =
         collect_xml(cfg, domain, live_xml, &mut files, &mut budget)?;
     Ok(Some(Collected {
@@ -311,13 +493,14 @@ fn collect(
 fn collect_nvram(
     cfg: &Config,
     domain: &Domain,
+    reading: Reading,
     files: &mut Vec<Captured>,
     budget: &mut Budget,
 ) -> Result<Option<NvramInfo>> {
     let Some(p) = &domain.nvram else {
         return Ok(None);
     };
-    let data = read_nvram(p, cfg.max_file_size, budget)?;
+    let data = read_nvram(p, reading, cfg.max_file_size, budget)?;
     if data.is_none() {
         log::warn!(
             "vm={} uuid={}: NVRAM {} named by the domain does not exist; storing the TPM state without it",
@@ -357,6 +540,7 @@ fn collect_xml(
         mode: 0o600,
         uid: 0,
         gid: 0,
+        identity: None,
     };
     let stdin = "the domain XML on stdin";
     let (persistent, from) = match inactive_definition(cfg, domain, cfg.max_file_size) {
@@ -398,10 +582,7 @@ fn build_manifest(
     event: &Event,
     c: &Collected,
 ) -> Manifest {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = unix_now();
     Manifest {
         format: manifest::FORMAT,
         uuid: domain.uuid.clone(),
@@ -425,6 +606,8 @@ fn build_manifest(
         },
         nvram: c.nvram.clone(),
         files: c.files.iter().map(entry).collect(),
+        live: false,
+        vm_state: None,
     }
 }
 
@@ -490,6 +673,7 @@ fn store_unless_unchanged(
         return Ok(Outcome::Unchanged {
             path: vm.dir().join(&newest),
             generation: newest,
+            unread: false,
         });
     }
     let nvram = files.iter().any(|c| c.role == "nvram");

@@ -18,6 +18,8 @@ COMMANDS:
     verify [<vm>...]      check every generation against SHA256SUMS and swtpm's header rules
     restore <vm>          put a stored state back into libvirt's paths for a stopped VM
     prune                 remove old generations (--keep N, --older-than DAYS, --generation G)
+    capture <vm>... | --all
+                          add a generation for running VMs (the timer runs --all)
     check                 is the hook installed, active, and the store sound?
     hook <domain> <op> <sub-op> <extra>
                           run as libvirt runs the hook (domain XML on stdin)
@@ -62,6 +64,37 @@ original mode and owner, and SHA-256.
 --xml [GEN]   print only the stored domain.xml of GEN (default: the
               newest), which `virsh define` accepts:
                 swtpm-keeper show win11 --xml > win11.xml && virsh define win11.xml
+";
+
+const CAPTURE_HELP: &str = "\
+swtpm-keeper capture <vm>... | --all
+
+Add a generation for each named VM, or with --all for every running VM
+with an emulator TPM on this host, whose TPM state (or NVRAM) changed
+since the newest good generation. The hook captures at every stop; this
+keeps the TPM of VMs that run for months, so that a lost host loses at
+most the changes since the last pass. swtpm-keeper-capture.timer runs
+`capture --all` every 5 minutes.
+
+A running VM is found in libvirt's status files (libvirt_run_dir), never
+by calling libvirt, and read without touching swtpm or QEMU: each file is
+read until two reads agree (swtpm replaces its files by rename; QEMU
+writes the UEFI vars in place). A VM whose state is still arriving (an
+incoming migration) is skipped. A file whose identity (inode, size,
+times) did not change since the last pass is not read again, so a pass
+over VMs that did not change reads no state and writes nothing. A
+stopped VM named here is captured as at a stop.
+
+One line per VM on stdout, starting with the generation that holds its
+state now (`-` when none):
+  00000007-20261201T101500Z captured win11 (5a5a...): running, TPM and NVRAM
+  00000007-20261201T101500Z unchanged win11 (5a5a...): nothing read
+
+Retention: live captures never push out the newest generation taken at a
+stop, nor a protected one (see prune).
+
+Exit 0 when every VM was captured, unchanged or skipped; 1 when any
+failed (after trying all), with the reason on stderr and in syslog.
 ";
 
 const VERIFY_HELP: &str = "\
@@ -175,6 +208,10 @@ pub enum Command {
         dry_run: bool,
     },
     Check,
+    Capture {
+        vms: Vec<String>,
+        all: bool,
+    },
 }
 
 /// A command line: the command, and the configuration file `--config` named.
@@ -304,6 +341,7 @@ struct Options {
     vms: Vec<String>,
     /// prune's `--generation`s.
     named: Vec<String>,
+    all: bool,
     positional: Vec<String>,
 }
 
@@ -345,6 +383,7 @@ impl Options {
                     o.named.push(value(cmd, name, inline, &mut it)?)
                 }
                 ("prune", "--dry-run" | "-n") => o.dry_run = true,
+                ("capture", "--all" | "-a") => o.all = true,
                 (_, n) if n.starts_with('-') && n.len() > 1 => {
                     return Err(usage(cmd, format!("unknown option {n}")))
                 }
@@ -419,6 +458,15 @@ fn build(cmd: &str, o: Options) -> Result<Command> {
             o.no_positional(cmd)?;
             Command::Check
         }
+        "capture" => {
+            if o.all != o.positional.is_empty() {
+                return Err(usage(cmd, "name the VMs, or give --all (not both)"));
+            }
+            Command::Capture {
+                vms: o.positional,
+                all: o.all,
+            }
+        }
         _ => unreachable!("help_of knows only these"),
     })
 }
@@ -431,6 +479,7 @@ fn help_of(cmd: &str) -> Option<&'static str> {
         "restore" => RESTORE_HELP,
         "prune" => PRUNE_HELP,
         "check" => CHECK_HELP,
+        "capture" => CAPTURE_HELP,
         "hook" => HOOK_HELP,
         _ => return None,
     })
@@ -532,6 +581,22 @@ mod tests {
             }
         );
         assert_eq!(p(&["check"]).unwrap(), Command::Check);
+        assert_eq!(
+            p(&["capture", "--all"]).unwrap(),
+            Command::Capture {
+                vms: vec![],
+                all: true
+            }
+        );
+        assert_eq!(
+            p(&["capture", "a", "b"]).unwrap(),
+            Command::Capture {
+                vms: vec!["a".into(), "b".into()],
+                all: false
+            }
+        );
+        assert!(p(&["capture"]).is_err(), "nothing named");
+        assert!(p(&["capture", "--all", "a"]).is_err(), "both");
         match p(&["hook", "vm", "stopped", "end", "-"]).unwrap() {
             Command::Hook(h) => assert_eq!((h.name.as_str(), h.op.as_str()), ("vm", "stopped")),
             c => panic!("{c:?}"),

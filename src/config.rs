@@ -84,6 +84,10 @@ pub struct Config {
     pub run_dir: PathBuf,
     pub restore: Restore,
     pub on_refusal: OnRefusal,
+    /// Seconds between the capture timer's passes (its OnUnitActiveSec=):
+    /// `check` warns about a running VM whose newest capture is older
+    /// than three of these.
+    pub capture_interval: u64,
 }
 
 impl Default for Config {
@@ -104,6 +108,7 @@ impl Default for Config {
             run_dir: "/run/swtpm-keeper".into(),
             restore: Restore::Auto,
             on_refusal: OnRefusal::Abort,
+            capture_interval: 300,
         }
     }
 }
@@ -206,6 +211,9 @@ impl Config {
         }
         if self.max_file_size < 1024 {
             return bad("max_file_size", "must be at least 1024 bytes");
+        }
+        if !(60..=86_400).contains(&self.capture_interval) {
+            return bad("capture_interval", "must be 60 to 86400 seconds");
         }
         if self.max_generation_size.is_some_and(|n| n < 1024) {
             return bad("max_generation_size", "must be at least 1024 bytes");

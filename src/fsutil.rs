@@ -192,6 +192,45 @@ pub struct FileData {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// The version read, for telling later whether the file changed.
+    pub identity: Option<Identity>,
+}
+
+/// What identifies one version of a file without reading it: a rename
+/// gives a new inode, a write in place a new mtime and ctime, a chown a new
+/// ctime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl Identity {
+    /// From a `stat` of the entry (not following a final symlink).
+    pub fn of_metadata(m: &fs::Metadata) -> Identity {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Identity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    pub fn of(st: &libc::stat) -> Identity {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Identity {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
+        }
+    }
 }
 
 /// Read an open file that must be a regular file with at most one link, at most
@@ -241,6 +280,7 @@ pub fn read_regular(file: &mut File, path: &Path, max: u64) -> Result<FileData> 
         mode: st.st_mode & 0o7777,
         uid: st.st_uid,
         gid: st.st_gid,
+        identity: Some(Identity::of(&st)),
     })
 }
 
@@ -618,6 +658,20 @@ impl Dir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_changes_with_inode_size_and_times() {
+        // SAFETY: stat is plain data, all zeroes is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        st.st_ino = 7;
+        st.st_size = 10;
+        st.st_mtime = 1;
+        st.st_mtime_nsec = 5;
+        let a = Identity::of(&st);
+        assert_eq!(a.mtime_ns, 1_000_000_005);
+        st.st_ctime_nsec = 1;
+        assert_ne!(Identity::of(&st), a, "a chown changes ctime only");
+    }
 
     #[test]
     fn a_file_renamed_over_while_open_is_read_whole_but_a_hard_link_is_refused() {

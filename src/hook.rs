@@ -242,14 +242,18 @@ impl<'a> Job<'a> {
             // Nothing done (a release after its stop, or a VM whose swtpm
             // never ran): nothing at info, but for the migrated mark, which
             // decides what a later start here does.
-            Ok(Outcome::Unchanged { generation, path }) if self.args.extra == "migrated" => {
+            Ok(Outcome::Unchanged {
+                generation, path, ..
+            }) if self.args.extra == "migrated" => {
                 log::info!(
                     "{who}: TPM state unchanged since generation {generation}, now marked as migrated away: \
                      it will not be restored on this host ({})",
                     path.display()
                 );
             }
-            Ok(Outcome::Unchanged { generation, path }) => {
+            Ok(Outcome::Unchanged {
+                generation, path, ..
+            }) => {
                 log::debug!(
                     "{who}: TPM state unchanged since generation {generation}, nothing added ({})",
                     path.display()

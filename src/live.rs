@@ -12,40 +12,18 @@
 //! - QEMU writes the UEFI vars (pflash) in place: two reads some tens of
 //!   milliseconds apart must be equal (oVirt's rule).
 //!
-//! A file's identity (device, inode, size, mtime, ctime) tells, without
-//! reading it, that it is still the version read last time.
+//! A file's identity (`fsutil::Identity`: device, inode, size, mtime,
+//! ctime) tells, without reading it, that it is still the version read
+//! last time.
 
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::fsutil::FileData;
-
-/// What identifies one version of a file without reading it: a rename
-/// gives a new inode, a write in place a new mtime and ctime, a chown a new
-/// ctime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime_ns: i64,
-    pub ctime_ns: i64,
-}
-
-impl Identity {
-    pub fn of(st: &libc::stat) -> Identity {
-        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
-        Identity {
-            dev: st.st_dev,
-            ino: st.st_ino,
-            size: st.st_size as u64,
-            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
-            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
-        }
-    }
-}
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{self, Dir, FileData, Identity, Rename};
 
 /// One attempt at reading a file that may be changing.
 pub enum Attempt {
@@ -109,6 +87,141 @@ pub fn read_settled(
     )))
 }
 
+/// How a capture reads a VM's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// At a stop swtpm has exited (its lock says so) and QEMU is gone: one
+    /// read is whole, and a file that fails its checks is refused.
+    AtStop,
+    /// While the VM runs (or is paused: QEMU may still flush the vars):
+    /// every file is read until two reads agree, and a file between
+    /// versions is read again.
+    Live { paused: bool },
+}
+
+impl Reading {
+    /// The VM's state as a manifest records it.
+    pub fn vm_state(self) -> &'static str {
+        match self {
+            Reading::AtStop => "shutoff",
+            Reading::Live { paused: false } => "running",
+            Reading::Live { paused: true } => "paused",
+        }
+    }
+}
+
+/// One file to read.
+pub struct FileRead<'a> {
+    pub path: &'a Path,
+    /// Largest size accepted (`max_file_size`).
+    pub max: u64,
+    pub patience: Patience,
+    /// Live: the file must be there, so its absence is a moment between
+    /// versions (swtpm's backup mode renames `permall` away, then writes
+    /// it again). Otherwise an absent file is `None`.
+    pub must_exist: bool,
+}
+
+/// Read `r.path`, opened by `open` (`None`: it does not exist), and check
+/// its bytes with `check` (swtpm's header rules, or the NVRAM's). What
+/// `check` returns for the bytes kept comes back with them.
+pub fn read_file<T>(
+    reading: Reading,
+    r: &FileRead,
+    open: impl Fn() -> Result<Option<File>>,
+    check: impl Fn(&[u8]) -> std::result::Result<T, String>,
+) -> Result<Option<(FileData, T)>> {
+    let refusing = |why: String| Error::failed(format!("refusing {}: {why}", r.path.display()));
+    if reading == Reading::AtStop || !r.must_exist {
+        let Some(mut f) = open()? else {
+            return Ok(None);
+        };
+        if reading == Reading::AtStop {
+            let d = fsutil::read_regular(&mut f, r.path, r.max)?;
+            let t = check(&d.bytes).map_err(refusing)?;
+            return Ok(Some((d, t)));
+        }
+    }
+    let d = read_settled(&r.path.display().to_string(), r.patience, || {
+        let Some(mut f) = open()? else {
+            return Ok(Attempt::NotYet("it is missing".into()));
+        };
+        refuse_never_settling(&f, r)?;
+        Ok(match fsutil::read_regular(&mut f, r.path, r.max) {
+            // Changed size while read: a write in place, under way.
+            Err(e) => Attempt::NotYet(e.to_string()),
+            Ok(d) => match check(&d.bytes) {
+                Err(why) => Attempt::NotYet(why),
+                Ok(_) => Attempt::Read(d),
+            },
+        })
+    })?;
+    let t = check(&d.bytes).map_err(refusing)?;
+    Ok(Some((d, t)))
+}
+
+/// What no retry can mend: not a regular file, more than one link, over
+/// the size limit. `read_regular` says which.
+fn refuse_never_settling(f: &File, r: &FileRead) -> Result<()> {
+    let st = fsutil::fstat(f).ctx("stat", r.path)?;
+    let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    if regular && st.st_nlink <= 1 && st.st_size as u64 <= r.max {
+        return Ok(());
+    }
+    let mut f = f.try_clone().ctx("open", r.path)?;
+    fsutil::read_regular(&mut f, r.path, r.max).map(|_| ())
+}
+
+/// What the last live capture saw of one VM, kept in `run_dir` (tmpfs,
+/// root's): the generation that holds the state, when it last verified,
+/// and the identity of every source file read for it. While every source
+/// keeps its identity, a pass reads nothing and writes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    pub generation: String,
+    pub verified_unix: i64,
+    /// (source path, identity), sorted by path.
+    pub files: Vec<(String, Identity)>,
+}
+
+/// A generation is verified again after this long, so that one damaged
+/// since does not pass for a copy for longer.
+pub const RECHECK_SECS: i64 = 3600;
+
+fn seen_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("seen")
+}
+
+impl Seen {
+    /// The record for `uuid`, if there is a readable one.
+    pub fn load(run_dir: &Path, uuid: &str) -> Option<Seen> {
+        let path = seen_dir(run_dir).join(format!("{uuid}.json"));
+        let mut f = fsutil::open_if_exists(&path, false).ok()??;
+        let d = fsutil::read_regular(&mut f, &path, 1 << 20).ok()?;
+        serde_json::from_slice(&d.bytes).ok()
+    }
+
+    /// Still true of `generation` and the sources as they are `now`?
+    pub fn holds(&self, generation: &str, now_files: &[(String, Identity)], now: i64) -> bool {
+        self.generation == generation
+            && now - self.verified_unix < RECHECK_SECS
+            && now >= self.verified_unix
+            && self.files == now_files
+    }
+
+    /// Replace the record for `uuid` (a temporary, then a rename).
+    pub fn save(&self, run_dir: &Path, uuid: &str) -> Result<()> {
+        fsutil::ensure_dir(run_dir, 0o755)?;
+        fsutil::ensure_dir(&seen_dir(run_dir), 0o700)?;
+        let dir = Dir::open(&seen_dir(run_dir))?;
+        let tmp = format!(".{uuid}.json.{}", std::process::id());
+        let _ = dir.remove_entry(&tmp);
+        let bytes = serde_json::to_vec(self).expect("serializes");
+        dir.write_new(&tmp, &bytes, 0o600, None)?;
+        dir.rename(&tmp, &format!("{uuid}.json"), Rename::Replace)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +232,7 @@ mod tests {
             mode: 0o600,
             uid: 0,
             gid: 0,
+            identity: None,
         }
     }
 
@@ -178,19 +292,5 @@ mod tests {
         .unwrap_err();
         assert_eq!(n, 1);
         assert!(e.to_string().contains("not a regular file"));
-    }
-
-    #[test]
-    fn identity_changes_with_inode_size_and_times() {
-        // SAFETY: stat is plain data, all zeroes is a valid value.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        st.st_ino = 7;
-        st.st_size = 10;
-        st.st_mtime = 1;
-        st.st_mtime_nsec = 5;
-        let a = Identity::of(&st);
-        assert_eq!(a.mtime_ns, 1_000_000_005);
-        st.st_ctime_nsec = 1;
-        assert_ne!(Identity::of(&st), a, "a chown changes ctime only");
     }
 }

@@ -80,6 +80,7 @@ fn dispatch(cmd: Command) -> Result<i32> {
                     };
                     commands::prune::run(&cfg, &req, out)
                 }
+                Command::Capture { vms, all } => commands::capture::run(&cfg, &vms, all, out),
                 Command::Help(_) | Command::Version | Command::Hook(_) | Command::Check => {
                     unreachable!()
                 }

@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::fsutil::Identity;
+
 pub const FORMAT: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 pub const SUMS: &str = "SHA256SUMS";
@@ -34,6 +36,13 @@ pub struct Manifest {
     pub tpm: TpmInfo,
     pub nvram: Option<NvramInfo>,
     pub files: Vec<FileEntry>,
+    /// Read from a running VM (`swtpm-keeper capture`), not at a stop.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub live: bool,
+    /// The VM's state when it was read: `shutoff`, `running` or `paused`.
+    /// Absent before 0.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_state: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +80,11 @@ pub struct FileEntry {
     pub owner: Option<String>,
     pub group: Option<String>,
     pub sha256: String,
+    /// The version of the source file that was read (device, inode, size,
+    /// times): a live capture reads again only a file whose identity
+    /// changed. Absent before 0.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
 }
 
 impl Manifest {

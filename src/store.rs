@@ -369,10 +369,16 @@ impl VmStore {
                 return Ok(Vec::new());
             }
         };
-        let gens: Vec<String> = self
-            .generations()?
+        let all = self.generations()?;
+        // Live captures never push out the newest capture taken at a stop
+        // (as the newest generation, it is kept anyway).
+        let stop = self
+            .newest_stop_capture(&all)
+            .filter(|g| Some(g) != all.last());
+        let gens: Vec<String> = all
             .into_iter()
             .filter(|g| !protected.iter().any(|p| &p.generation == g))
+            .filter(|g| Some(g) != stop.as_ref())
             .collect();
         if gens.len() <= keep {
             return Ok(Vec::new());
@@ -380,6 +386,16 @@ impl VmStore {
         let doomed = gens[..gens.len() - keep].to_vec();
         self.remove_generations(&doomed)?;
         Ok(doomed)
+    }
+
+    /// The newest of `gens` that was captured at a stop, not from a running
+    /// VM: retention keeps it however many live captures follow. Manifests
+    /// are read newest first, so this usually reads one or two.
+    pub fn newest_stop_capture(&self, gens: &[String]) -> Option<String> {
+        gens.iter()
+            .rev()
+            .find(|g| self.read_manifest(g).is_ok_and(|m| !m.live))
+            .cloned()
     }
 
     /// Remove the named generations. Each is first renamed to a trash

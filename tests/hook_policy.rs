@@ -109,8 +109,10 @@ fn an_incoming_mark_older_than_the_window_does_not_block_a_restore() {
     assert!(incoming_marks(&h).is_empty(), "the prepare used it up");
     let logs = h.logs();
     assert!(
+        // 120 s, or a second more on a loaded machine.
         logs.iter()
-            .any(|l| l.contains("the incoming migrate noted 120 s ago had no prepare within")),
+            .any(|l| l.contains("the incoming migrate noted 12")
+                && l.contains(" s ago had no prepare within")),
         "{logs:?}"
     );
 }

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
+use crate::logging::sanitize;
 use crate::qemuconf::{self, QemuConf};
+use crate::running;
+use crate::store::Store;
 
 #[derive(Debug, PartialEq)]
 enum Level {
@@ -271,6 +274,116 @@ fn check_syslog(socket: &Path) -> Finding {
     }
 }
 
+/// The unit that runs `capture --all`.
+const TIMER: &str = "swtpm-keeper-capture.timer";
+
+/// How the capture of running VMs is scheduled: the systemd timer where
+/// systemd runs (`timer`: enabled, active, as systemctl says), else a cron
+/// line (`cron`: one of the files holds `swtpm-keeper capture --all`).
+fn schedule_finding(systemd: bool, timer: (bool, bool), cron: bool) -> Finding {
+    match (systemd, timer, cron) {
+        (true, (true, true), _) => (Level::Ok, format!("{TIMER} is enabled and active")),
+        (true, _, true) => (
+            Level::Ok,
+            format!("{TIMER} is off, and cron runs `swtpm-keeper capture --all`"),
+        ),
+        (true, (enabled, _), false) => (
+            Level::Fix,
+            format!(
+                "{TIMER} is {}: running VMs' TPMs are kept only at their stops; \
+                 systemctl enable --now {TIMER}",
+                if enabled {
+                    "enabled but not active"
+                } else {
+                    "not enabled"
+                }
+            ),
+        ),
+        (false, _, true) => (Level::Ok, "cron runs `swtpm-keeper capture --all`".into()),
+        (false, _, false) => (
+            Level::Warn,
+            "systemd does not run here and no cron file runs `swtpm-keeper capture --all`: \
+             running VMs' TPMs are kept only at their stops; add to /etc/cron.d/swtpm-keeper: \
+             `*/5 * * * * root /usr/sbin/swtpm-keeper capture --all >/dev/null`"
+                .into(),
+        ),
+    }
+}
+
+/// Ask systemd about the timer, and look for a cron line.
+fn check_schedule() -> Finding {
+    let systemd = Path::new("/run/systemd/system").is_dir();
+    let systemctl = |verb: &str| {
+        std::process::Command::new("systemctl")
+            .args([verb, "--quiet", TIMER])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let timer = if systemd {
+        (systemctl("is-enabled"), systemctl("is-active"))
+    } else {
+        (false, false)
+    };
+    let mut cron_files = vec![
+        PathBuf::from("/etc/crontab"),
+        "/var/spool/cron/crontabs/root".into(),
+    ];
+    if let Ok(rd) = std::fs::read_dir("/etc/cron.d") {
+        cron_files.extend(rd.flatten().map(|e| e.path()));
+    }
+    let cron = cron_files.iter().any(|p| {
+        std::fs::read_to_string(p).is_ok_and(|t| {
+            t.lines().any(|l| {
+                !l.trim_start().starts_with('#') && l.contains("swtpm-keeper capture --all")
+            })
+        })
+    });
+    schedule_finding(systemd, timer, cron)
+}
+
+/// Running VMs with an emulator TPM whose newest capture is older than
+/// three capture intervals (or that were never captured).
+fn check_freshness(cfg: &Config, now: i64) -> Vec<Finding> {
+    let stale_after = 3 * cfg.capture_interval as i64;
+    let store = Store::new(&cfg.store_dir);
+    let mut found = Vec::new();
+    for name in running::names(&cfg.libvirt_run_dir).unwrap_or_default() {
+        let Ok(Some(vm)) = running::read(&cfg.libvirt_run_dir, &name) else {
+            continue;
+        };
+        if vm.domain.tpm.is_none() || vm.status.incoming() {
+            continue;
+        }
+        let newest = store
+            .read_vm(&vm.domain.uuid, cfg.lock_timeout())
+            .ok()
+            .and_then(|v| {
+                v.generations()
+                    .ok()?
+                    .last()
+                    .and_then(|g| v.read_manifest(g).ok())
+            });
+        let fix = format!("swtpm-keeper capture {}", sanitize(&name));
+        match newest {
+            None => found.push((Level::Warn, format!("VM {} runs and its TPM was never captured: {fix}", sanitize(&name)))),
+            Some(m) if now - m.time_unix > stale_after => found.push((
+                Level::Warn,
+                format!(
+                    "VM {} runs and its newest capture is {} min old (more than 3 × capture_interval): \
+                     is the capture timer running? {fix}",
+                    sanitize(&name),
+                    (now - m.time_unix) / 60
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
+    found
+}
+
 /// The owners restored files will get, from qemu.conf.
 fn check_owners(qemu_conf: &Path) -> Vec<Finding> {
     let qc = QemuConf::load(qemu_conf);
@@ -317,6 +430,11 @@ pub fn run(out: &mut dyn Write) -> Result<i32> {
     findings.push(check_store(&cfg.store_dir));
     findings.push(check_syslog(&cfg.syslog_socket));
     findings.extend(check_owners(&cfg.qemu_conf));
+    findings.push(check_schedule());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    findings.extend(check_freshness(&cfg, now));
     for (level, line) in findings {
         r.line(level, line);
     }
@@ -469,5 +587,24 @@ mod tests {
         assert!(found[0].1.contains("ln -s"), "{}", found[0].1);
         assert_eq!(time, None);
         std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn the_capture_schedule_is_the_timer_where_systemd_runs_else_a_cron_line() {
+        let lvl = |sd, t, c| schedule_finding(sd, t, c).0;
+        assert_eq!(lvl(true, (true, true), false), Level::Ok);
+        assert_eq!(lvl(true, (true, false), false), Level::Fix);
+        assert_eq!(lvl(true, (false, false), false), Level::Fix);
+        assert_eq!(lvl(true, (false, false), true), Level::Ok);
+        assert_eq!(lvl(false, (false, false), true), Level::Ok);
+        let (level, line) = schedule_finding(false, (false, false), false);
+        assert_eq!(level, Level::Warn);
+        assert!(
+            line.contains("*/5 * * * * root /usr/sbin/swtpm-keeper capture --all"),
+            "{line}"
+        );
+        assert!(schedule_finding(true, (false, false), false)
+            .1
+            .contains("systemctl enable --now"));
     }
 }

@@ -1,5 +1,6 @@
 //! The operator's commands, one module each. Each returns the exit code.
 
+pub mod capture;
 pub mod check;
 pub mod list;
 pub mod prune;

@@ -125,8 +125,14 @@ fn plan_by_rule(
             p.time, p.why, p.generation
         )));
     }
+    // Kept for its own sake only when live captures followed it (as the
+    // newest, the rules below keep it or say why not).
+    let stop = vm
+        .newest_stop_capture(&gens)
+        .filter(|g| Some(g) != gens.last());
     let open: Vec<usize> = (0..gens.len())
         .filter(|&i| !protected.iter().any(|p| p.generation == gens[i]))
+        .filter(|&i| Some(&gens[i]) != stop.as_ref())
         .collect();
     let by_count = keep.map_or(0, |k| open.len().saturating_sub(k));
     // Old means captured before the cutoff with every older one old too:
@@ -138,6 +144,11 @@ fn plan_by_rule(
             .count()
     });
     let candidates = &open[..by_count.max(by_age)];
+    if let Some(g) = stop.filter(|g| candidates.last().is_some_and(|&i| gens[i] > *g)) {
+        plan.kept.push((g.clone(), format!(
+            "the newest capture taken at a stop: live captures never push it out; name it with --vm {uuid} --generation {g} to remove it"
+        )));
+    }
     if candidates.is_empty() {
         return Ok(plan);
     }

@@ -330,6 +330,16 @@ pub fn domain_xml(name: &str, uuid: &str, secret: Option<&str>, nvram: Option<&P
 pub struct FcntlHolder(std::process::Child);
 
 impl FcntlHolder {
+    /// The holder's pid (a stand-in for swtpm's, or QEMU's).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+
     pub fn hold(path: &Path) -> FcntlHolder {
         let mut child = Command::new("python3")
             .args(["-c", "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"])
