@@ -11,6 +11,7 @@ pub mod failpoint; // crash injection for tests (feature `failpoints`)
 pub mod fsutil; // symlink-safe opens, bounded reads, durable writes
 pub mod hook; // the libvirt hook protocol
 pub mod inventory; // the store as the commands see it
+pub mod leftover; // the store's temporaries: whose, and when they may go
 pub mod live; // reading a running VM's files consistently
 pub mod lock; // the per-VM lock
 pub mod logging; // syslog through the `log` facade

@@ -2,7 +2,11 @@
 //! captured state. A generation is built under a temporary name, every file
 //! and directory is fsynced, then it is renamed into place: a crash at any
 //! instant leaves only complete generations under generation names, plus
-//! temporaries that the next run (under the VM's lock) removes.
+//! temporaries that a later run (under the VM's lock) removes once their
+//! owner is provably gone (`leftover`). On a store shared by hosts the
+//! VM's lock is the filesystem's flock: generation numbers are chosen under
+//! it, and the rename into place never replaces, so that even a lock that
+//! fails across hosts cannot make one host overwrite another's generation.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -13,12 +17,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint;
 use crate::fsutil;
+use crate::leftover;
 use crate::lock::{self, VmLock};
 use crate::manifest::{self, Manifest};
 
 const TMP_PREFIX: &str = ".tmp-";
 const TRASH_PREFIX: &str = ".trash-";
 const LOCK_NAME: &str = ".lock";
+/// Tries to place a generation when its number turns out to be taken (only
+/// when the VM's lock failed across hosts; see `place`).
+const PLACE_TRIES: u64 = 5;
 
 /// The generations that refused restores left behind (the VM started with
 /// a new TPM, `on_refusal = "continue"`): retention never removes them;
@@ -48,7 +56,7 @@ pub struct Store {
 /// exclusively by writers, shared by readers.
 pub struct VmStore {
     dir: PathBuf,
-    _lock: VmLock,
+    lock: VmLock,
     exclusive: bool,
 }
 
@@ -91,7 +99,7 @@ impl Store {
         let lock = lock::lock_exclusive(&dir.join(LOCK_NAME), timeout)?;
         let vm = VmStore {
             dir,
-            _lock: lock,
+            lock,
             exclusive: true,
         };
         vm.remove_leftovers()?;
@@ -104,7 +112,7 @@ impl Store {
         let lock = lock::lock_shared(&dir.join(LOCK_NAME), timeout)?;
         Ok(VmStore {
             dir,
-            _lock: lock,
+            lock,
             exclusive: false,
         })
     }
@@ -185,24 +193,45 @@ impl VmStore {
         Manifest::from_json(&bytes).map_err(|e| Error::failed(format!("{}: {e}", p.display())))
     }
 
-    /// Temporaries of runs that crashed (we hold the lock: nobody else is
-    /// writing them) go away before anything else happens.
+    /// Temporaries whose owner is provably gone (`leftover`) go away
+    /// before anything else happens; others stay, and are logged.
     fn remove_leftovers(&self) -> Result<()> {
+        let (here, me, now) = (leftover::host_tag(), std::process::id(), SystemTime::now());
         let mut removed = false;
         for e in std::fs::read_dir(&self.dir).ctx("read directory", &self.dir)? {
             let e = e.ctx("read directory", &self.dir)?;
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
-                let p = e.path();
-                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    fsutil::remove_tree(&p)?;
-                } else {
-                    std::fs::remove_file(&p).ctx("remove", &p)?;
-                }
-                log::info!("removed {} left by an interrupted run", p.display());
-                removed = true;
+            let Some(rest) = name
+                .strip_prefix(TMP_PREFIX)
+                .or_else(|| name.strip_prefix(TRASH_PREFIX))
+            else {
+                continue;
+            };
+            let p = e.path();
+            let md = match std::fs::symlink_metadata(&p) {
+                Ok(md) => md,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(Error::io("inspect", &p, err)),
+            };
+            let age = md.modified().ok().and_then(|t| now.duration_since(t).ok());
+            let owner = leftover::owner(rest);
+            if !leftover::abandoned(&owner, age, &here, me, Path::new("/proc")) {
+                log::info!(
+                    "kept {}: its run may still be writing it (another host's goes when \
+                     {} min old)",
+                    p.display(),
+                    leftover::FOREIGN_AGE.as_secs() / 60
+                );
+                continue;
             }
+            if md.is_dir() {
+                fsutil::remove_tree(&p)?;
+            } else {
+                std::fs::remove_file(&p).ctx("remove", &p)?;
+            }
+            log::info!("removed {} left by an interrupted run", p.display());
+            removed = true;
         }
         if removed {
             fsutil::fsync_dir(&self.dir)?;
@@ -250,18 +279,11 @@ impl VmStore {
         keep: usize,
     ) -> Result<(String, Vec<String>)> {
         self.require_exclusive()?;
-        let gens = self.generations()?;
-        let seq = gens.last().map(|g| sequence(g)).unwrap_or(0) + 1;
-        if seq > 99_999_999 {
-            return Err(Error::failed(format!(
-                "{}: generation numbers exhausted",
-                self.dir.display()
-            )));
-        }
-        let name = format!("{seq:08}-{}", manifest::compact_time(manifest.time_unix));
-        let tmp = self.dir.join(format!("{TMP_PREFIX}{name}"));
-        let dest = self.dir.join(&name);
-
+        let seq = self.next_sequence()?;
+        let time = manifest::compact_time(manifest.time_unix);
+        let tmp = self
+            .dir
+            .join(leftover::name(TMP_PREFIX, &format!("{seq:08}-{time}")));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&tmp)
@@ -273,15 +295,65 @@ impl VmStore {
             return Err(e);
         }
         failpoint::hit("store-before-rename");
-        if dest.exists() {
-            let _ = fsutil::remove_tree(&tmp);
-            return Err(Error::failed(format!("{} already exists", dest.display())));
-        }
-        std::fs::rename(&tmp, &dest).ctx("rename into place", &dest)?;
+        let name = match self.place(&tmp, seq, &time) {
+            Ok(name) => name,
+            Err(e) => {
+                let _ = fsutil::remove_tree(&tmp);
+                return Err(e);
+            }
+        };
         failpoint::hit("store-after-rename");
         fsutil::fsync_dir(&self.dir)?;
         let removed = self.prune(keep)?;
         Ok((name, removed))
+    }
+
+    /// The number after the newest generation's.
+    fn next_sequence(&self) -> Result<u64> {
+        let seq = self.generations()?.last().map(|g| sequence(g)).unwrap_or(0) + 1;
+        if seq > 99_999_999 {
+            return Err(Error::failed(format!(
+                "{}: generation numbers exhausted",
+                self.dir.display()
+            )));
+        }
+        Ok(seq)
+    }
+
+    /// Rename the complete generation `tmp` into place as number `seq`,
+    /// never replacing one. The number was chosen under the VM's lock, so
+    /// it is free; if it is not, another host wrote while we held the lock
+    /// (flock does not work across hosts on this store): say so, and take
+    /// the next free number rather than lose this capture.
+    fn place(&self, tmp: &Path, mut seq: u64, time: &str) -> Result<String> {
+        for _ in 0..PLACE_TRIES {
+            let name = format!("{seq:08}-{time}");
+            let dest = self.dir.join(&name);
+            let e = match rename_no_replace(tmp, &dest) {
+                Ok(()) => return Ok(name),
+                Err(e) => e,
+            };
+            let taken = matches!(
+                e.kind(),
+                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty
+            );
+            if !taken {
+                return Err(Error::io("rename into place", &dest, e));
+            }
+            log::warn!(
+                "{} appeared while this run held the VM's lock {}: another host wrote \
+                 at the same time, so flock does not work across hosts on this store \
+                 (see docs/shared-store.md); this capture takes the next number",
+                dest.display(),
+                self.lock.path().display()
+            );
+            seq = self.next_sequence()?.max(seq + 1);
+        }
+        Err(Error::failed(format!(
+            "{}: every generation number tried was taken by another writer; \
+             make flock work across hosts on this store (see docs/shared-store.md)",
+            self.dir.display()
+        )))
     }
 
     /// The hook's retention: remove all but the newest `keep` (at least
@@ -334,19 +406,57 @@ impl VmStore {
         if doomed.is_empty() {
             return Ok(());
         }
-        for g in doomed {
-            let trash = self.dir.join(format!("{TRASH_PREFIX}{g}"));
-            std::fs::rename(self.dir.join(g), &trash).ctx("rename for removal", &trash)?;
+        let trash: Vec<PathBuf> = doomed
+            .iter()
+            .map(|g| self.dir.join(leftover::name(TRASH_PREFIX, g)))
+            .collect();
+        for (g, t) in doomed.iter().zip(&trash) {
+            std::fs::rename(self.dir.join(g), t).ctx("rename for removal", t)?;
+            // Its mtime was the capture's: make it the removal's, so that
+            // another host judges this trash by when it began (`leftover`).
+            // Best effort: it is doomed either way.
+            if let Ok(f) = std::fs::File::open(t) {
+                let _ = f.set_modified(SystemTime::now());
+            }
         }
         fsutil::fsync_dir(&self.dir)?;
         failpoint::hit("prune-after-rename");
-        for g in doomed {
-            fsutil::remove_tree(&self.dir.join(format!("{TRASH_PREFIX}{g}")))?;
+        for t in &trash {
+            fsutil::remove_tree(t)?;
         }
         fsutil::fsync_dir(&self.dir)?;
         // Only now: a crash before this leaves a record of a generation
         // that is gone (harmless), never a generation without its record.
         self.unprotect(doomed)
+    }
+}
+
+/// Rename `from` to `to` unless `to` exists (RENAME_NOREPLACE). Where the
+/// filesystem lacks the flag (EINVAL: GlusterFS's FUSE client, measured;
+/// older NFS), a plain rename: a directory never replaces a non-empty one
+/// (ENOTEMPTY or EEXIST), and a generation always holds its manifest and
+/// SHA256SUMS.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: valid NUL-terminated paths; the result is checked.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => std::fs::rename(from, to),
+        _ => Err(e),
     }
 }
 
@@ -494,7 +604,7 @@ impl VmStore {
     /// replaced atomically.
     pub fn write_marker(&self, name: &str, bytes: &[u8]) -> Result<()> {
         self.require_exclusive()?;
-        let tmp = self.dir.join(format!("{TMP_PREFIX}{name}"));
+        let tmp = self.dir.join(leftover::name(TMP_PREFIX, name));
         let _ = std::fs::remove_file(&tmp);
         fsutil::write_new_synced(&tmp, bytes, 0o600)?;
         failpoint::hit("marker-before-rename");
@@ -588,5 +698,61 @@ mod tests {
         assert!(!is_generation_name("00000001-20261121T215608"));
         assert!(!is_generation_name("0000000a-20261121T215608Z"));
         assert_eq!(sequence("00000042-20261121T215608Z"), 42);
+    }
+
+    fn scratch(test: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("swk-store-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A complete-looking generation directory at `p` holding `text`.
+    fn gen_dir(p: &Path, text: &str) {
+        std::fs::create_dir_all(p).unwrap();
+        std::fs::write(p.join(manifest::MANIFEST), text).unwrap();
+    }
+
+    #[test]
+    fn a_rename_into_place_never_replaces_a_generation() {
+        let d = scratch("noreplace");
+        let (a, b) = (d.join("a"), d.join("b"));
+        gen_dir(&a, "mine");
+        // Empty: a plain rename would replace it (a non-empty one never).
+        std::fs::create_dir(&b).unwrap();
+        let e = rename_no_replace(&a, &b).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty
+            ),
+            "{e}"
+        );
+        let read = |p: &Path| std::fs::read_to_string(p.join(manifest::MANIFEST)).unwrap();
+        assert_eq!(read(&a), "mine");
+        assert!(b.read_dir().unwrap().next().is_none());
+        rename_no_replace(&a, &d.join("c")).unwrap();
+        assert_eq!(read(&d.join("c")), "mine");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_generation_number_taken_behind_the_lock_moves_this_capture_to_the_next() {
+        let d = scratch("taken");
+        let store = Store::new(&d);
+        let uuid = "11111111-2222-3333-4444-555555555555";
+        let vm = store.open_vm(uuid, Duration::from_secs(1)).unwrap();
+        // This run chose 1 under the lock; another host (its lock not
+        // honoured) put its own 1 in place meanwhile.
+        let time = "20261121T000000Z";
+        gen_dir(&vm.dir().join(format!("00000001-{time}")), "theirs");
+        let tmp = vm.dir().join(".tmp-x");
+        gen_dir(&tmp, "mine");
+        assert_eq!(vm.place(&tmp, 1, time).unwrap(), format!("00000002-{time}"));
+        let read = |g: &str| std::fs::read_to_string(vm.dir().join(g).join(manifest::MANIFEST));
+        assert_eq!(read(&format!("00000001-{time}")).unwrap(), "theirs");
+        assert_eq!(read(&format!("00000002-{time}")).unwrap(), "mine");
+        drop(vm);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

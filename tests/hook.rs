@@ -382,13 +382,14 @@ fn state_dir_without_permall_captures_nothing() {
 fn leftover_temporaries_are_removed_by_the_next_run() {
     let h = Host::new("leftovers");
     let vm = h.vm_store(UUID_TRANS);
-    std::fs::create_dir_all(vm.join(".tmp-00000001-20261121T000000Z")).unwrap();
-    std::fs::write(
-        vm.join(".tmp-00000001-20261121T000000Z/tpm2-00.permall"),
-        b"half",
-    )
-    .unwrap();
-    std::fs::create_dir_all(vm.join(".trash-00000000-20261120T000000Z")).unwrap();
+    // Left by a run of this host that is gone (rules: tests/shared_store.rs).
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let owner = format!("{}@{}", swtpm_keeper::leftover::host_tag(), gone.id());
+    let tmp = vm.join(format!(".tmp-{owner}-00000001-20261121T000000Z"));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("tpm2-00.permall"), b"half").unwrap();
+    std::fs::create_dir_all(vm.join(format!(".trash-{owner}-00000000-20261120T000000Z"))).unwrap();
     h.put_state(
         UUID_TRANS,
         &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],

@@ -53,7 +53,7 @@ pub fn run(cfg: &Config, json: bool, out: &mut dyn Write) -> Result<i32> {
 
 /// One row per VM, columns padded to their widest cell.
 fn table(vms: &[VmSummary]) -> String {
-    let rows: Vec<[String; 7]> = vms
+    let rows: Vec<[String; 8]> = vms
         .iter()
         .map(|v| {
             let mut flags = Vec::new();
@@ -68,7 +68,9 @@ fn table(vms: &[VmSummary]) -> String {
                     flags.push(f);
                 }
             }
-            let (time, event) = match &v.newest {
+            // HOST: where the newest was taken (on a shared store, the
+            // host the VM last stopped on).
+            let (time, event, host) = match &v.newest {
                 Some(n) => (
                     n.time.clone(),
                     if n.reason == "-" {
@@ -76,8 +78,9 @@ fn table(vms: &[VmSummary]) -> String {
                     } else {
                         format!("{} ({})", n.event, n.reason)
                     },
+                    sanitize(&n.host),
                 ),
-                None => ("-".into(), "-".into()),
+                None => ("-".into(), "-".into(), "-".into()),
             };
             [
                 sanitize(&v.name),
@@ -85,12 +88,15 @@ fn table(vms: &[VmSummary]) -> String {
                 v.generations.to_string(),
                 time,
                 event,
+                host,
                 human_bytes(v.total_bytes),
                 flags.join(","),
             ]
         })
         .collect();
-    let head = ["NAME", "UUID", "GENS", "NEWEST", "EVENT", "SIZE", "FLAGS"];
+    let head = [
+        "NAME", "UUID", "GENS", "NEWEST", "EVENT", "HOST", "SIZE", "FLAGS",
+    ];
     let mut width = head.map(|h| h.chars().count());
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
