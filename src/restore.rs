@@ -1105,6 +1105,71 @@ mod placement_tests {
         ));
     }
 
+    /// `<root>/<uuid>/tpm2` as libvirt lays it out, holding `permall`.
+    fn state_dir(test: &str, permall: &[u8]) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("swk-unit-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let d = root.join("uuid").join("tpm2");
+        std::fs::create_dir_all(&d).unwrap();
+        for p in [&root, &root.join("uuid")] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711)).unwrap();
+        }
+        std::fs::write(d.join("tpm2-00.permall"), permall).unwrap();
+        d
+    }
+
+    fn good_permall() -> Vec<u8> {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/libvirt-9.0/tpm2-00.permall.plain"),
+        )
+        .unwrap()
+    }
+
+    const IF_CORRUPT: Replace = Replace {
+        state: false,
+        nvram: false,
+        if_corrupt: Some(1 << 20),
+    };
+
+    #[test]
+    fn put_back_never_swaps_out_a_state_that_passes_the_checks() {
+        let d = state_dir("passes", &good_permall());
+        let e = DirTarget::check(&d, "tpm2-00.permall", IF_CORRUPT)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("passes swtpm's checks"), "{e}");
+        let _ = std::fs::remove_dir_all(d.parent().unwrap().parent().unwrap());
+    }
+
+    #[test]
+    fn a_corrupt_state_rewritten_good_before_the_swap_stays() {
+        let d = state_dir("rewritten", b"");
+        let t = DirTarget::check(&d, "tpm2-00.permall", IF_CORRUPT).expect("corrupt: may go");
+        // `tss` writes a good state after the first check.
+        let good = good_permall();
+        std::fs::write(d.join("tpm2-00.permall"), &good).unwrap();
+        let owner = Owner {
+            uid: unsafe { libc::geteuid() },
+            gid: unsafe { libc::getegid() },
+            desc: String::new(),
+        };
+        let e = t
+            .write(&[("tpm2-00.permall", b"other")], &owner)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("passes swtpm's checks"), "{e}");
+        assert_eq!(std::fs::read(d.join("tpm2-00.permall")).unwrap(), good);
+        let parent = d.parent().unwrap();
+        let names: Vec<_> = std::fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["tpm2"], "a temporary was left");
+        let _ = std::fs::remove_dir_all(parent.parent().unwrap());
+    }
+
     #[test]
     fn only_swtpms_own_regular_files_count_as_swtpms() {
         // SAFETY: stat is plain data.
