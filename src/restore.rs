@@ -1157,8 +1157,7 @@ mod placement_tests {
         };
         let e = t
             .write(&[("tpm2-00.permall", b"other")], &owner)
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(e.to_string().contains("passes swtpm's checks"), "{e}");
         assert_eq!(std::fs::read(d.join("tpm2-00.permall")).unwrap(), good);
         let parent = d.parent().unwrap();
