@@ -313,6 +313,7 @@ pub fn at_prepare(
         }),
         None => None,
     };
+    failpoint::hit("mend-after-evidence");
     let replace = Replace {
         if_corrupt: corrupt.as_ref().map(|_| cfg.max_file_size),
         ..Replace::default()

@@ -359,6 +359,7 @@ impl VmStore {
             let _ = fsutil::remove_tree(&tmp);
             return Err(e);
         }
+        failpoint::hit("dir-before-rename");
         if std::fs::symlink_metadata(&dest).is_ok() {
             let _ = fsutil::remove_tree(&tmp);
             return Err(Error::failed(format!("{} already exists", dest.display())));
