@@ -305,6 +305,13 @@ pub fn at_prepare(
     let refused = |r| says_corrupt(corrupt.as_ref(), r);
     let (gen, skipped) = newest_good(&vm, &gens, cfg.max_file_size).map_err(refused)?;
     check_rules(&vm, &gen, domain, tpm, &loc).map_err(refused)?;
+    let replace = Replace {
+        if_corrupt: corrupt.as_ref().map(|_| cfg.max_file_size),
+        ..Replace::default()
+    };
+    let checked =
+        check_put_back(&vm, &gen, domain, &loc, replace).map_err(|e| refused(io_refusal(e)))?;
+    // Every check passed: keep the corrupt state, then replace it.
     let mended = match &corrupt {
         Some(c) => Some(Mended {
             why: c.why.clone(),
@@ -314,13 +321,9 @@ pub fn at_prepare(
         None => None,
     };
     failpoint::hit("mend-after-evidence");
-    let replace = Replace {
-        if_corrupt: corrupt.as_ref().map(|_| cfg.max_file_size),
-        ..Replace::default()
-    };
     let qc = QemuConf::load(&cfg.qemu_conf);
-    let (swtpm_owner, qemu_owner) = (qc.swtpm_owner(), qc.qemu_owner());
-    let nvram = put_back(&vm, &gen, domain, &loc, &swtpm_owner, &qemu_owner, replace)
+    let nvram = checked
+        .write(&qc.swtpm_owner(), &qc.qemu_owner())
         .map_err(|e| refused(io_refusal(e)))?;
     Ok(Outcome::Restored {
         generation: gen.name.clone(),
@@ -454,10 +457,10 @@ pub struct Replace {
 /// start completes with its TPM), then the TPM state; if writing that
 /// fails, the NVRAM placed for it is taken back out.
 ///
-/// `_locked` is the proof that this VM's store lock is held: a temporary of
+/// `locked` is the proof that this VM's store lock is held: a temporary of
 /// this destination is then one of a run that is over, and may be removed.
 pub fn put_back(
-    _locked: &VmStore,
+    locked: &VmStore,
     gen: &Loaded,
     domain: &Domain,
     loc: &StateLocation,
@@ -465,6 +468,25 @@ pub fn put_back(
     qemu_owner: &Owner,
     replace: Replace,
 ) -> Result<NvramOutcome> {
+    check_put_back(locked, gen, domain, loc, replace)?.write(swtpm_owner, qemu_owner)
+}
+
+/// A restore checked and ready: nothing is written yet.
+pub struct Checked<'a> {
+    tpm: TpmTarget,
+    tpm_files: Vec<(&'a str, &'a [u8])>,
+    nvram: Option<(FileTarget, &'a [u8])>,
+}
+
+/// `put_back`'s checks alone, so that a caller can act between them and
+/// the writing (the hook keeps a corrupt state as evidence there).
+pub fn check_put_back<'a>(
+    _locked: &VmStore,
+    gen: &'a Loaded,
+    domain: &Domain,
+    loc: &StateLocation,
+    replace: Replace,
+) -> Result<Checked<'a>> {
     // Only swtpm's own names go back: a generation of 0.1.0 may hold a
     // file that `tss` planted under a swtpm-like name.
     let version = version_of(gen);
@@ -487,30 +509,45 @@ pub fn put_back(
         (Some(path), Some(bytes)) => Some((FileTarget::check(path, true, replace.nvram)?, bytes)),
         _ => None,
     };
-    let (outcome, placed) = match nvram {
-        Some((t, _)) if !t.will_write() => (NvramOutcome::KeptExisting(t.path), None),
-        Some((t, bytes)) => {
-            let path = t.path.clone();
-            match t.write(bytes, qemu_owner)? {
-                Some(p) => (NvramOutcome::Restored(path), Some(p)),
-                None => (NvramOutcome::KeptExisting(path), None),
+    Ok(Checked {
+        tpm,
+        tpm_files,
+        nvram,
+    })
+}
+
+impl Checked<'_> {
+    pub fn write(self, swtpm_owner: &Owner, qemu_owner: &Owner) -> Result<NvramOutcome> {
+        let Checked {
+            tpm,
+            tpm_files,
+            nvram,
+        } = self;
+        let (outcome, placed) = match nvram {
+            Some((t, _)) if !t.will_write() => (NvramOutcome::KeptExisting(t.path), None),
+            Some((t, bytes)) => {
+                let path = t.path.clone();
+                match t.write(bytes, qemu_owner)? {
+                    Some(p) => (NvramOutcome::Restored(path), Some(p)),
+                    None => (NvramOutcome::KeptExisting(path), None),
+                }
             }
+            None => (NvramOutcome::None, None),
+        };
+        failpoint::hit("restore-after-nvram");
+        let Err(e) = tpm.write(&tpm_files, swtpm_owner) else {
+            if let Some(p) = placed {
+                p.keep();
+            }
+            return Ok(outcome);
+        };
+        match placed.map(Placed::undo) {
+            Some(Err(u)) => Err(Error::failed(format!(
+                "{e}; and the NVRAM written for it could not be undone ({u}): it is not the pair of the TPM \
+                 state there, move it aside before starting the VM"
+            ))),
+            _ => Err(e),
         }
-        None => (NvramOutcome::None, None),
-    };
-    failpoint::hit("restore-after-nvram");
-    let Err(e) = tpm.write(&tpm_files, swtpm_owner) else {
-        if let Some(p) = placed {
-            p.keep();
-        }
-        return Ok(outcome);
-    };
-    match placed.map(Placed::undo) {
-        Some(Err(u)) => Err(Error::failed(format!(
-            "{e}; and the NVRAM written for it could not be undone ({u}): it is not the pair of the TPM \
-             state there, move it aside before starting the VM"
-        ))),
-        _ => Err(e),
     }
 }
 

@@ -132,6 +132,27 @@ fn a_corrupt_state_with_a_refused_restore_stays_in_place_and_the_refusal_says_co
 }
 
 #[test]
+fn a_corrupt_state_that_cannot_be_swapped_out_is_refused_before_any_evidence_is_written() {
+    let h = Host::new("mend-foreign");
+    captured(&h, &fixture("tpm2-00.permall.plain"), None);
+    std::fs::write(permall_path(&h), b"").unwrap();
+    // Someone's file beside it: the directory is never swapped out.
+    std::fs::write(h.state_dir(UUID_TRANS).join("notes.txt"), b"mine").unwrap();
+    let out = prepare(&h, &xml(None));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("corrupt") && err.contains("notes.txt"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(permall_path(&h)).unwrap(), b"");
+    assert!(
+        evidence(&h).is_empty(),
+        "evidence was written before the checks"
+    );
+}
+
+#[test]
 fn restore_off_leaves_a_corrupt_state_alone() {
     let h = Host::with_config("mend-off", "restore = \"off\"\n");
     captured(&h, &fixture("tpm2-00.permall.plain"), None);
