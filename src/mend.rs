@@ -85,17 +85,9 @@ pub fn recheck(dir: &Dir, name: &str, rule: Rule, max: u64) -> std::result::Resu
 /// linear file) decides; for the evidence every state file is read, within
 /// `max` bytes each and `budget` bytes in all.
 pub fn judge(loc: &StateLocation, version: TpmVersion, max: u64, budget: u64) -> Result<Judged> {
-    let (dir_path, name) = match loc {
-        StateLocation::Dir(d) => (d.as_path(), swtpm::permall_name(version)),
-        StateLocation::File(f) => match (f.parent(), f.file_name().and_then(|n| n.to_str())) {
-            (Some(p), Some(n)) => (p, n.to_owned()),
-            _ => {
-                return Ok(Judged::Present(format!(
-                    "{} is not a file path",
-                    f.display()
-                )))
-            }
-        },
+    let Some((dir_path, name)) = deciding_file(loc, version) else {
+        let why = format!("{} is not a file path", loc.path().display());
+        return Ok(Judged::Present(why));
     };
     let Some(dir) = Dir::open_if_exists(dir_path)? else {
         return Ok(Judged::Absent);
@@ -140,21 +132,34 @@ pub fn judge(loc: &StateLocation, version: TpmVersion, max: u64, budget: u64) ->
         )],
         StateLocation::Dir(_) => collect_dir(&dir, version, (&name, bytes), max, budget)?,
     };
-    let why = exhibits
-        .iter()
-        .filter_map(|x| {
-            x.info
-                .corrupt
-                .as_ref()
-                .map(|w| format!("{}: {w}", x.info.name))
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    Ok(Judged::Corrupt(Corrupt {
-        path: loc.path().to_owned(),
-        why,
-        exhibits,
-    }))
+    Ok(Judged::Corrupt(Corrupt::new(loc.path(), exhibits)))
+}
+
+/// The directory and name of the file that decides whether a state is
+/// there: the permall, or the linear file.
+fn deciding_file(loc: &StateLocation, version: TpmVersion) -> Option<(&Path, String)> {
+    match loc {
+        StateLocation::Dir(d) => Some((d.as_path(), swtpm::permall_name(version))),
+        StateLocation::File(f) => Some((f.parent()?, f.file_name()?.to_str()?.to_owned())),
+    }
+}
+
+impl Corrupt {
+    fn new(path: &Path, exhibits: Vec<Exhibit>) -> Corrupt {
+        let why = exhibits
+            .iter()
+            .filter_map(|x| {
+                let w = x.info.corrupt.as_ref()?;
+                Some(format!("{}: {w}", x.info.name))
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        Corrupt {
+            path: path.to_owned(),
+            why,
+            exhibits,
+        }
+    }
 }
 
 /// A running swtpm's pid, from its fcntl lock on `.lock`.
