@@ -48,6 +48,8 @@ the newest capture's time and event, the total size, and flags:
   nvram      the newest generation holds the UEFI vars file
   migrated   the newest state was captured when the VM migrated away
   defined    libvirt on this host defines the VM (its config dir has it)
+  corrupt-evidence
+             a corrupt TPM state found at prepare is kept (see `show`)
 
 --json prints {\"version\": 1, \"vms\": [...]} for scripts; see
 swtpm-keeper(8) for the schema.
@@ -58,7 +60,8 @@ swtpm-keeper show <vm> [--json] [--xml [GENERATION]]
 
 A VM's generations, newest first: capture time, host, event and shutoff
 reason, TPM version and encryption secret, and each file with its size,
-original mode and owner, and SHA-256.
+original mode and owner, and SHA-256. Corrupt TPM states that a start
+replaced (kept as evidence, never restored) are listed first.
 
 --json        the same as JSON ({\"version\": 1, ...})
 --xml [GEN]   print only the stored domain.xml of GEN (default: the
@@ -102,7 +105,8 @@ swtpm-keeper verify [<vm>...]
 
 Check every generation of the named VMs (default: all) against its
 SHA256SUMS, its manifest, and swtpm's header rules. Prints one line per
-generation; exits 1 if any is bad.
+generation; exits 1 if any is bad. Corrupt states kept as evidence are
+listed as `evidence` lines; they never change the exit code.
 ";
 
 const RESTORE_HELP: &str = "\
@@ -138,7 +142,9 @@ configuration). At least one of --keep and --older-than is needed, or
 --older-than DAYS  remove generations captured more than DAYS days ago
 --vm VM            only this VM (repeatable); default: every VM
 --generation GEN   remove exactly this generation of the one VM named
-                   with --vm (repeatable), whatever the rules below say
+                   with --vm (repeatable), whatever the rules below say;
+                   also a corrupt state kept as evidence (corrupt-...),
+                   which no rule ever removes
 --dry-run          say what would be removed, remove nothing
 
 The rules keep every VM restorable. --keep and --older-than remove only a

@@ -482,6 +482,19 @@ impl Dir {
         Ok(Dir { fd, path: p })
     }
 
+    /// Open a file in this directory for reading, never through a symlink
+    /// (non-blocking: a FIFO planted in its place cannot hang us).
+    pub fn open_file(&self, name: &str) -> Result<File> {
+        let p = self.path.join(name);
+        let fd = openat(
+            &self.fd,
+            OsStr::new(name),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+        )
+        .ctx("open", &p)?;
+        Ok(File::from(fd))
+    }
+
     pub fn mkdir(&self, name: &str, mode: u32) -> Result<Dir> {
         let p = self.path.join(name);
         let c = cstr(OsStr::new(name)).ctx("create directory", &p)?;

@@ -335,6 +335,7 @@ impl<'a> Job<'a> {
                 path,
                 nvram,
                 skipped,
+                mended,
             }) => {
                 for (g, why) in &skipped {
                     log::warn!(
@@ -348,14 +349,23 @@ impl<'a> Job<'a> {
                     }
                     NvramOutcome::None => String::new(),
                 };
-                log::info!(
-                    "{who}: restored TPM {} state from generation {generation} (captured {} on {} at {}) into {}{nv}",
+                let restored = format!(
+                    "restored TPM {} state from generation {generation} (captured {} on {} at {}) into {}{nv}",
                     m.tpm.version,
                     m.time,
                     m.host,
                     m.event,
                     path.display()
                 );
+                match mended {
+                    Some(md) => log::warn!(
+                        "{who}: libvirt's TPM state at {} was corrupt ({}): kept it as evidence in {}, never restored; {restored}",
+                        path.display(),
+                        md.why,
+                        md.evidence.display()
+                    ),
+                    None => log::info!("{who}: {restored}"),
+                }
                 0
             }
             Ok(RestoreOutcome::Incoming { event, age_secs }) => {

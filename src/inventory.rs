@@ -114,6 +114,8 @@ pub struct VmSummary {
     pub defined: bool,
     /// A refused restore left a generation behind (see `show`).
     pub protected: bool,
+    /// Corrupt states found at `prepare`, kept as evidence (see `show`).
+    pub evidence: usize,
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -158,6 +160,7 @@ pub fn summary(cfg: &Config, vm: &VmStore, uuid: &str) -> Result<VmSummary> {
             .as_ref()
             .is_some_and(|(_, m)| m.files.iter().any(|f| f.role == "nvram")),
         migrated_away: migrated,
+        evidence: vm.evidence()?.len(),
         protected: vm
             .protections()
             .is_ok_and(|p| p.iter().any(|p| gens.contains(&p.generation))),

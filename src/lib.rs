@@ -7,6 +7,7 @@ pub mod commands; // the operator's commands, one module each
 pub mod config; // the configuration file
 pub mod domain; // the domain XML libvirt passes on stdin
 pub mod error; // errors that name the action and the path
+pub mod evidence; // corrupt states kept in the store, never restored
 pub mod failpoint; // crash injection for tests (feature `failpoints`)
 pub mod fsutil; // symlink-safe opens, bounded reads, durable writes
 pub mod hook; // the libvirt hook protocol
@@ -16,6 +17,7 @@ pub mod live; // reading a running VM's files consistently
 pub mod lock; // the per-VM lock
 pub mod logging; // syslog through the `log` facade
 pub mod manifest; // manifest.json and SHA256SUMS
+pub mod mend; // judging libvirt's state at prepare: absent, good or corrupt
 pub mod qemuconf; // owners of restored files, from qemu.conf
 pub mod restore; // putting a state back at prepare
 pub mod running; // running VMs, from libvirt's status files

@@ -4,8 +4,9 @@
 //!
 //! What is written goes first into a new directory (or temp file) inside
 //! the destination's parent, owned and fsynced, then is renamed into place:
-//! libvirt's path is either untouched or complete. Existing state is never
-//! replaced by the hook.
+//! libvirt's path is either untouched or complete. The hook replaces an
+//! existing state only when it fails swtpm's checks (see `mend`), after
+//! keeping it as evidence; a state that passes them is never replaced.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -18,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::fsutil::{Dir, Rename};
 use crate::manifest::{self, Manifest};
+use crate::mend::{self, Corrupt, Judged, Rule};
 use crate::qemuconf::{Owner, QemuConf};
 use crate::store::{Loaded, Store, VmStore};
 use crate::swtpm::{self, StateLocation};
@@ -60,6 +62,8 @@ pub enum Outcome {
         nvram: NvramOutcome,
         /// Newer generations skipped because they failed verification.
         skipped: Vec<(String, String)>,
+        /// Set when it replaced a corrupt state, kept as evidence.
+        mended: Option<Mended>,
     },
     /// Nothing to do, and why (at debug level).
     Nothing(String),
@@ -74,6 +78,14 @@ pub enum NvramOutcome {
     KeptExisting(PathBuf),
     /// The domain has no <nvram>, or the generation holds none.
     None,
+}
+
+/// A corrupt state that a restore replaced: what was wrong, and where the
+/// store keeps it.
+#[derive(Debug)]
+pub struct Mended {
+    pub why: String,
+    pub evidence: PathBuf,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -195,14 +207,47 @@ pub fn note_migrated_away(vm: &VmStore, generation: &str) -> Result<()> {
     )
 }
 
-/// Is libvirt's state for this TPM there? (Any entry at the permall's name
-/// counts: the hook never replaces what exists.)
-fn state_present(loc: &StateLocation, tpm: &Tpm) -> bool {
-    let p = match loc {
-        StateLocation::Dir(d) => d.join(swtpm::permall_name(tpm.version)),
-        StateLocation::File(f) => f.clone(),
-    };
-    std::fs::symlink_metadata(p).is_ok()
+/// Is libvirt's state for this TPM there, and usable? Ok(None): it is
+/// gone. Ok(Some): it fails swtpm's checks. Err: it is there (or cannot be
+/// judged) and stays as it is, and why.
+fn judge_state(
+    cfg: &Config,
+    domain: &Domain,
+    loc: &StateLocation,
+    tpm: &Tpm,
+) -> std::result::Result<Option<Corrupt>, String> {
+    match mend::judge(
+        loc,
+        tpm.version,
+        cfg.max_file_size,
+        cfg.max_generation_size(),
+    ) {
+        Ok(Judged::Absent) => Ok(None),
+        Ok(Judged::Corrupt(c)) => Ok(Some(c)),
+        Ok(Judged::Present(why)) => Err(why),
+        Err(e) => {
+            log::warn!(
+                "vm={} uuid={}: cannot judge libvirt's TPM state: {e}; left as it is",
+                domain.name,
+                domain.uuid
+            );
+            Err(e.to_string())
+        }
+    }
+}
+
+/// A refusal about a start whose state is corrupt says so: the corrupt
+/// state stays in place, and the VM will not start with it.
+fn says_corrupt(corrupt: Option<&Corrupt>, mut r: Refusal) -> Refusal {
+    if let Some(c) = corrupt {
+        r.why = format!(
+            "libvirt's TPM state at {} is corrupt ({}) and stays as it is: {}",
+            c.path.display(),
+            c.why,
+            r.why
+        );
+    }
+    r
 }
 
 fn io_refusal(e: Error) -> Refusal {
@@ -237,38 +282,66 @@ pub fn at_prepare(
     if let Err(e) = remove_leftovers(&vm, &loc) {
         log::warn!("vm={} uuid={}: {e}", domain.name, domain.uuid);
     }
-    if state_present(&loc, tpm) {
-        return Ok(Outcome::Nothing(format!(
-            "libvirt's TPM state exists at {}",
-            loc.path().display()
-        )));
-    }
+    let corrupt = match judge_state(cfg, domain, &loc, tpm) {
+        Ok(c) => c,
+        Err(why) => return Ok(Outcome::Nothing(why)),
+    };
     let gens = vm.generations().map_err(io_refusal)?;
     if gens.is_empty() {
+        if let Some(c) = &corrupt {
+            log::warn!(
+                "vm={} uuid={}: libvirt's TPM state at {} is corrupt ({}), and the store holds no \
+                 generation to put in its place: left as it is",
+                domain.name,
+                domain.uuid,
+                c.path.display(),
+                c.why
+            );
+        }
         return Ok(Outcome::Nothing(
             "the store holds no generation for this VM".into(),
         ));
     }
-    let (gen, skipped) = newest_good(&vm, &gens, cfg.max_file_size)?;
-    check_rules(&vm, &gen, domain, tpm, &loc)?;
+    let refused = |r| says_corrupt(corrupt.as_ref(), r);
+    let (gen, skipped) = newest_good(&vm, &gens, cfg.max_file_size).map_err(refused)?;
+    check_rules(&vm, &gen, domain, tpm, &loc).map_err(refused)?;
+    let replace = Replace {
+        if_corrupt: corrupt.as_ref().map(|_| cfg.max_file_size),
+        ..Replace::default()
+    };
+    let checked =
+        check_put_back(&vm, &gen, domain, &loc, replace).map_err(|e| refused(io_refusal(e)))?;
+    // Every check passed: keep the corrupt state, then replace it.
+    let mended = match &corrupt {
+        Some(c) => Some(Mended {
+            why: c.why.clone(),
+            evidence: mend::keep(&vm, domain, &loc, c, &gen.name)
+                .map_err(|e| refused(evidence_refusal(e)))?,
+        }),
+        None => None,
+    };
+    failpoint::hit("mend-after-evidence");
     let qc = QemuConf::load(&cfg.qemu_conf);
-    let nvram = put_back(
-        &vm,
-        &gen,
-        domain,
-        &loc,
-        &qc.swtpm_owner(),
-        &qc.qemu_owner(),
-        Replace::default(),
-    )
-    .map_err(io_refusal)?;
+    let nvram = checked
+        .write(&qc.swtpm_owner(), &qc.qemu_owner())
+        .map_err(|e| refused(io_refusal(e)))?;
     Ok(Outcome::Restored {
         generation: gen.name.clone(),
         path: loc.path().to_owned(),
         manifest: Box::new(gen.manifest),
         nvram,
         skipped,
+        mended,
     })
+}
+
+fn evidence_refusal(e: Error) -> Refusal {
+    Refusal {
+        why: format!("cannot keep it in the store as evidence: {e}"),
+        fix: "free space in the store and start the VM again (or move the corrupt state aside by \
+              hand: then it counts as lost, and the newest good generation is put back)"
+            .into(),
+    }
 }
 
 /// The newest generation that verifies, and the newer ones that did not.
@@ -366,11 +439,16 @@ pub fn check_rules(
 }
 
 /// What `put_back` may swap out. Only what was captured first (the CLI's
-/// --force) may be replaced; the hook replaces nothing.
+/// --force) may be replaced; the hook replaces only a corrupt state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Replace {
     pub state: bool,
     pub nvram: bool,
+    /// `Some(max_file_size)`: a TPM state that fails swtpm's checks may be
+    /// swapped out (the hook's mend, after keeping it as evidence). It is
+    /// judged again right before the swap and right after it, through the
+    /// directory handle of the swap: if it passes them then, it stays.
+    pub if_corrupt: Option<u64>,
 }
 
 /// Write the generation into libvirt's paths. Everything is checked before
@@ -379,10 +457,10 @@ pub struct Replace {
 /// start completes with its TPM), then the TPM state; if writing that
 /// fails, the NVRAM placed for it is taken back out.
 ///
-/// `_locked` is the proof that this VM's store lock is held: a temporary of
+/// `locked` is the proof that this VM's store lock is held: a temporary of
 /// this destination is then one of a run that is over, and may be removed.
 pub fn put_back(
-    _locked: &VmStore,
+    locked: &VmStore,
     gen: &Loaded,
     domain: &Domain,
     loc: &StateLocation,
@@ -390,6 +468,25 @@ pub fn put_back(
     qemu_owner: &Owner,
     replace: Replace,
 ) -> Result<NvramOutcome> {
+    check_put_back(locked, gen, domain, loc, replace)?.write(swtpm_owner, qemu_owner)
+}
+
+/// A restore checked and ready: nothing is written yet.
+pub struct Checked<'a> {
+    tpm: TpmTarget,
+    tpm_files: Vec<(&'a str, &'a [u8])>,
+    nvram: Option<(FileTarget, &'a [u8])>,
+}
+
+/// `put_back`'s checks alone, so that a caller can act between them and
+/// the writing (the hook keeps a corrupt state as evidence there).
+pub fn check_put_back<'a>(
+    _locked: &VmStore,
+    gen: &'a Loaded,
+    domain: &Domain,
+    loc: &StateLocation,
+    replace: Replace,
+) -> Result<Checked<'a>> {
     // Only swtpm's own names go back: a generation of 0.1.0 may hold a
     // file that `tss` planted under a swtpm-like name.
     let version = version_of(gen);
@@ -407,35 +504,50 @@ pub fn put_back(
             gen.name
         )));
     }
-    let tpm = TpmTarget::check(loc, &swtpm::permall_name(version), replace.state)?;
+    let tpm = TpmTarget::check(loc, &swtpm::permall_name(version), replace)?;
     let nvram = match (nvram_path(domain, &gen.manifest), gen.file(manifest::NVRAM)) {
         (Some(path), Some(bytes)) => Some((FileTarget::check(path, true, replace.nvram)?, bytes)),
         _ => None,
     };
-    let (outcome, placed) = match nvram {
-        Some((t, _)) if !t.will_write() => (NvramOutcome::KeptExisting(t.path), None),
-        Some((t, bytes)) => {
-            let path = t.path.clone();
-            match t.write(bytes, qemu_owner)? {
-                Some(p) => (NvramOutcome::Restored(path), Some(p)),
-                None => (NvramOutcome::KeptExisting(path), None),
+    Ok(Checked {
+        tpm,
+        tpm_files,
+        nvram,
+    })
+}
+
+impl Checked<'_> {
+    pub fn write(self, swtpm_owner: &Owner, qemu_owner: &Owner) -> Result<NvramOutcome> {
+        let Checked {
+            tpm,
+            tpm_files,
+            nvram,
+        } = self;
+        let (outcome, placed) = match nvram {
+            Some((t, _)) if !t.will_write() => (NvramOutcome::KeptExisting(t.path), None),
+            Some((t, bytes)) => {
+                let path = t.path.clone();
+                match t.write(bytes, qemu_owner)? {
+                    Some(p) => (NvramOutcome::Restored(path), Some(p)),
+                    None => (NvramOutcome::KeptExisting(path), None),
+                }
             }
+            None => (NvramOutcome::None, None),
+        };
+        failpoint::hit("restore-after-nvram");
+        let Err(e) = tpm.write(&tpm_files, swtpm_owner) else {
+            if let Some(p) = placed {
+                p.keep();
+            }
+            return Ok(outcome);
+        };
+        match placed.map(Placed::undo) {
+            Some(Err(u)) => Err(Error::failed(format!(
+                "{e}; and the NVRAM written for it could not be undone ({u}): it is not the pair of the TPM \
+                 state there, move it aside before starting the VM"
+            ))),
+            _ => Err(e),
         }
-        None => (NvramOutcome::None, None),
-    };
-    failpoint::hit("restore-after-nvram");
-    let Err(e) = tpm.write(&tpm_files, swtpm_owner) else {
-        if let Some(p) = placed {
-            p.keep();
-        }
-        return Ok(outcome);
-    };
-    match placed.map(Placed::undo) {
-        Some(Err(u)) => Err(Error::failed(format!(
-            "{e}; and the NVRAM written for it could not be undone ({u}): it is not the pair of the TPM \
-             state there, move it aside before starting the VM"
-        ))),
-        _ => Err(e),
     }
 }
 
@@ -613,11 +725,12 @@ enum TpmTarget {
 }
 
 impl TpmTarget {
-    fn check(loc: &StateLocation, permall: &str, replace: bool) -> Result<TpmTarget> {
+    fn check(loc: &StateLocation, permall: &str, replace: Replace) -> Result<TpmTarget> {
         match loc {
             StateLocation::Dir(d) => Ok(TpmTarget::Dir(DirTarget::check(d, permall, replace)?)),
             StateLocation::File(f) => {
-                let t = FileTarget::check(f.clone(), false, replace)?;
+                let mut t = FileTarget::check(f.clone(), false, replace.state)?;
+                t.if_corrupt = replace.if_corrupt;
                 if !t.will_write() {
                     return Err(Error::failed(format!(
                         "{} exists; left as it is",
@@ -660,6 +773,8 @@ struct FileTarget {
     dir: Parent,
     exists: bool,
     replace: bool,
+    /// `Replace::if_corrupt`, for a linear state file.
+    if_corrupt: Option<u64>,
 }
 
 impl FileTarget {
@@ -688,11 +803,12 @@ impl FileTarget {
             name,
             dir,
             replace,
+            if_corrupt: None,
         })
     }
 
     fn will_write(&self) -> bool {
-        !self.exists || self.replace
+        !self.exists || self.replace || self.if_corrupt.is_some()
     }
 
     /// Write through a temporary in the same directory, fsynced, then
@@ -712,7 +828,13 @@ impl FileTarget {
         }
         failpoint::hit("restore-file-before-rename");
         let ours = dir.entry_stat(&tmp)?.map(|st| (st.st_dev, st.st_ino));
-        let swap = self.replace && dir.entry_stat(&self.name)?.is_some();
+        let exists = dir.entry_stat(&self.name)?.is_some();
+        let swap = (self.replace || self.if_corrupt.is_some()) && exists;
+        let guard = self.if_corrupt.filter(|_| swap && !self.replace);
+        if let Err(e) = linear_may_go(&self.path, guard, &dir, &self.name) {
+            let _ = dir.remove_entry(&tmp);
+            return Err(e);
+        }
         let how = if swap {
             Rename::Exchange
         } else {
@@ -725,6 +847,13 @@ impl FileTarget {
                 _ => Err(e),
             };
         }
+        if let Err(e) = linear_may_go(&self.path, guard, &dir, &tmp) {
+            // Rewritten meanwhile, and good now: it goes back.
+            dir.rename(&tmp, &self.name, Rename::Exchange)?;
+            dir.remove_entry(&tmp)?;
+            dir.sync()?;
+            return Err(e);
+        }
         dir.sync()?;
         Ok(Some(Placed {
             dir,
@@ -734,6 +863,21 @@ impl FileTarget {
             ours,
         }))
     }
+}
+
+/// With `guard` (`Replace::if_corrupt`, when a swap without `replace` is
+/// due), the linear file at `name` (libvirt's, or what the swap moved out
+/// of `path`) must still fail swtpm's checks to be swapped out.
+fn linear_may_go(path: &Path, guard: Option<u64>, dir: &Dir, name: &str) -> Result<()> {
+    let Some(max) = guard else {
+        return Ok(());
+    };
+    mend::recheck(dir, name, Rule::Linear, max).map_err(|why| {
+        Error::failed(format!(
+            "{} holds a TPM state that {why}; left as it is",
+            path.display()
+        ))
+    })
 }
 
 /// A file renamed into place, until the restore it belongs to is complete.
@@ -794,10 +938,12 @@ struct DirDest {
     leaf: String,
     permall: String,
     replace: bool,
+    /// `Replace::if_corrupt`.
+    if_corrupt: Option<u64>,
 }
 
 impl DirTarget {
-    fn check(path: &Path, permall: &str, replace: bool) -> Result<DirTarget> {
+    fn check(path: &Path, permall: &str, replace: Replace) -> Result<DirTarget> {
         let (parent, leaf) = split(path)?;
         let (grand, _) = split(parent)?;
         // libvirt's layout: <swtpm_dir> and <swtpm_dir>/<uuid> are root 0711.
@@ -812,7 +958,8 @@ impl DirTarget {
                 path: path.to_owned(),
                 leaf: leaf.to_owned(),
                 permall: permall.to_owned(),
-                replace,
+                replace: replace.state,
+                if_corrupt: replace.if_corrupt,
             },
             parent: Parent::check(parent)?,
         };
@@ -862,11 +1009,13 @@ impl DirTarget {
 impl DirDest {
     /// What is at the destination may be swapped out: nothing, or a
     /// directory without a TPM state (swtpm_setup never ran, or only
-    /// `.lock` is left) that holds nothing but swtpm's files. A `<source
-    /// path>` that names some other directory is never swapped out.
-    fn check_swappable(&self, pdir: &Dir) -> Result<()> {
+    /// `.lock` is left), or with one that fails swtpm's checks when
+    /// `if_corrupt` allows it, that holds nothing but swtpm's files. A
+    /// `<source path>` that names some other directory is never swapped
+    /// out. Returns the open directory that is there.
+    fn check_swappable(&self, pdir: &Dir) -> Result<Option<Dir>> {
         let Some(st) = pdir.entry_stat(&self.leaf)? else {
-            return Ok(());
+            return Ok(None);
         };
         if !Dir::entry_is_dir(&st) {
             return Err(Error::failed(format!(
@@ -875,12 +1024,7 @@ impl DirDest {
             )));
         }
         let old = pdir.open_subdir(&self.leaf)?;
-        if !self.replace && old.entry_stat(&self.permall)?.is_some() {
-            return Err(Error::failed(format!(
-                "{} holds a TPM state; left as it is",
-                self.path.display()
-            )));
-        }
+        self.may_swap_out(&old)?;
         let mut foreign = Vec::new();
         for n in old.names()? {
             match old.entry_stat(&n)? {
@@ -890,7 +1034,7 @@ impl DirDest {
             }
         }
         if foreign.is_empty() {
-            return Ok(());
+            return Ok(Some(old));
         }
         foreign.sort();
         foreign.truncate(5);
@@ -901,28 +1045,59 @@ impl DirDest {
         )))
     }
 
+    /// The state in the directory `old` (open) may go: there is none, or
+    /// `replace`, or it fails swtpm's checks and `if_corrupt` allows that.
+    fn may_swap_out(&self, old: &Dir) -> Result<()> {
+        if self.replace || old.entry_stat(&self.permall)?.is_none() {
+            return Ok(());
+        }
+        let why = match self.if_corrupt {
+            None => "holds a TPM state".to_owned(),
+            Some(max) => {
+                let rule = Rule::Blob {
+                    tpm2_permall: self.permall == "tpm2-00.permall",
+                };
+                match mend::recheck(old, &self.permall, rule, max) {
+                    Ok(()) => return Ok(()),
+                    Err(why) => format!("holds a TPM state that {why}"),
+                }
+            }
+        };
+        Err(Error::failed(format!(
+            "{} {why}; left as it is",
+            self.path.display()
+        )))
+    }
+
     /// Rename the complete directory `tmp` into place: into an empty name,
     /// or exchanged with the directory there, which is then removed with
     /// everything in it (failing that only leaves a leftover for the next
     /// run of this VM).
     fn place(&self, pdir: &Dir, tmp: &str) -> Result<()> {
         // Again, just before: `tss` can write in the old directory.
-        let swap = self.check_swappable(pdir).and_then(|()| {
-            let exists = pdir.entry_stat(&self.leaf)?.is_some();
-            let how = if exists {
+        let swap = self.check_swappable(pdir).and_then(|old| {
+            let how = if old.is_some() {
                 Rename::Exchange
             } else {
                 Rename::NoReplace
             };
-            pdir.rename(tmp, &self.leaf, how).map(|()| exists)
+            pdir.rename(tmp, &self.leaf, how).map(|()| old)
         });
         match swap {
             Err(e) => {
                 let _ = pdir.remove_entry(tmp);
                 Err(e)
             }
-            Ok(false) => Ok(()),
-            Ok(true) => {
+            Ok(None) => Ok(()),
+            Ok(Some(old)) => {
+                // And once more through the same handle, now at `tmp`: a
+                // state rewritten between the check and the swap goes back.
+                if let Err(e) = self.may_swap_out(&old) {
+                    pdir.rename(tmp, &self.leaf, Rename::Exchange)?;
+                    pdir.remove_entry(tmp)?;
+                    pdir.sync()?;
+                    return Err(e);
+                }
                 pdir.sync()?;
                 failpoint::hit("restore-after-exchange");
                 if let Err(e) = pdir.remove_entry(tmp) {
@@ -966,6 +1141,70 @@ mod placement_tests {
             "vm",
             TempKind::Dir
         ));
+    }
+
+    /// `<root>/<uuid>/tpm2` as libvirt lays it out, holding `permall`.
+    fn state_dir(test: &str, permall: &[u8]) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("swk-unit-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let d = root.join("uuid").join("tpm2");
+        std::fs::create_dir_all(&d).unwrap();
+        for p in [&root, &root.join("uuid")] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711)).unwrap();
+        }
+        std::fs::write(d.join("tpm2-00.permall"), permall).unwrap();
+        d
+    }
+
+    fn good_permall() -> Vec<u8> {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/libvirt-9.0/tpm2-00.permall.plain"),
+        )
+        .unwrap()
+    }
+
+    const IF_CORRUPT: Replace = Replace {
+        state: false,
+        nvram: false,
+        if_corrupt: Some(1 << 20),
+    };
+
+    #[test]
+    fn put_back_never_swaps_out_a_state_that_passes_the_checks() {
+        let d = state_dir("passes", &good_permall());
+        let e = DirTarget::check(&d, "tpm2-00.permall", IF_CORRUPT)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("passes swtpm's checks"), "{e}");
+        let _ = std::fs::remove_dir_all(d.parent().unwrap().parent().unwrap());
+    }
+
+    #[test]
+    fn a_corrupt_state_rewritten_good_before_the_swap_stays() {
+        let d = state_dir("rewritten", b"");
+        let t = DirTarget::check(&d, "tpm2-00.permall", IF_CORRUPT).expect("corrupt: may go");
+        // `tss` writes a good state after the first check.
+        let good = good_permall();
+        std::fs::write(d.join("tpm2-00.permall"), &good).unwrap();
+        let owner = Owner {
+            uid: unsafe { libc::geteuid() },
+            gid: unsafe { libc::getegid() },
+            desc: String::new(),
+        };
+        let e = t
+            .write(&[("tpm2-00.permall", b"other")], &owner)
+            .expect_err("refused");
+        assert!(e.to_string().contains("passes swtpm's checks"), "{e}");
+        assert_eq!(std::fs::read(d.join("tpm2-00.permall")).unwrap(), good);
+        let parent = d.parent().unwrap();
+        let names: Vec<_> = std::fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["tpm2"], "a temporary was left");
+        let _ = std::fs::remove_dir_all(parent.parent().unwrap());
     }
 
     #[test]

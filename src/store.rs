@@ -402,6 +402,15 @@ impl VmStore {
     /// name, so a crash mid-removal never leaves a half-deleted directory
     /// under a generation name.
     pub fn remove_generations(&self, doomed: &[String]) -> Result<()> {
+        self.remove_dirs(doomed)?;
+        // Only now: a crash before this leaves a record of a generation
+        // that is gone (harmless), never a generation without its record.
+        self.unprotect(doomed)
+    }
+
+    /// Remove these directories of the VM's store (generations, or kept
+    /// evidence), each renamed to a trash name first.
+    pub(crate) fn remove_dirs(&self, doomed: &[String]) -> Result<()> {
         self.require_exclusive()?;
         if doomed.is_empty() {
             return Ok(());
@@ -424,10 +433,35 @@ impl VmStore {
         for t in &trash {
             fsutil::remove_tree(t)?;
         }
-        fsutil::fsync_dir(&self.dir)?;
-        // Only now: a crash before this leaves a record of a generation
-        // that is gone (harmless), never a generation without its record.
-        self.unprotect(doomed)
+        fsutil::fsync_dir(&self.dir)
+    }
+
+    /// Write a directory `name` holding `files` (name, bytes) the way a
+    /// generation is written: under a temporary name (removed by the next
+    /// run's clean-up if this one dies), every file and the directory
+    /// fsynced, renamed into place, the VM's directory fsynced.
+    pub(crate) fn add_dir(&self, name: &str, files: &[(String, Vec<u8>)]) -> Result<()> {
+        self.require_exclusive()?;
+        let tmp = self.dir.join(leftover::name(TMP_PREFIX, name));
+        let dest = self.dir.join(name);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .ctx("create directory", &tmp)?;
+        let filled = files
+            .iter()
+            .try_for_each(|(n, b)| fsutil::write_new_synced(&tmp.join(n), b, 0o600))
+            .and_then(|()| fsutil::fsync_dir(&tmp));
+        if let Err(e) = filled {
+            let _ = fsutil::remove_tree(&tmp);
+            return Err(e);
+        }
+        failpoint::hit("dir-before-rename");
+        if let Err(e) = rename_no_replace(&tmp, &dest) {
+            let _ = fsutil::remove_tree(&tmp);
+            return Err(Error::io("rename into place", &dest, e));
+        }
+        fsutil::fsync_dir(&self.dir)
     }
 }
 

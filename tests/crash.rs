@@ -361,3 +361,70 @@ fn sigkill_at_random_moments_of_restores_leaves_libvirts_path_absent_or_complete
 fn generation_names_never_collide_with_leftovers() {
     assert!(!is_generation_name(".tmp-00000001-20261121T000000Z"));
 }
+
+/// A crash at any step of mending a corrupt state at `prepare` (issue 13)
+/// leaves libvirt's path holding the corrupt state or the good one (never a
+/// mix, never nothing), every generation sound, and the next start mends
+/// it; no temporary outlives that start.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_crash_at_any_step_of_a_mend_leaves_the_corrupt_or_the_good_state() {
+    let xml = domain_xml("mendvm", UUID_TRANS, None, None).into_bytes();
+    let hook = |h: &Host, op: &str, sub: &str, fp: Option<&str>| {
+        let mut c = h.command(&["hook", "mendvm", op, sub, "-"]);
+        if let Some(fp) = fp {
+            c.env("SWTPM_KEEPER_FAILPOINT", fp);
+        }
+        run_with(&mut c, &xml)
+    };
+    for fp in [
+        "dir-before-rename",
+        "mend-after-evidence",
+        "restore-before-rename",
+        "restore-after-exchange",
+    ] {
+        let h = Host::new(&format!("fp-mend-{fp}"));
+        let good = fixture("tpm2-00.permall.plain");
+        let permall = h
+            .put_state(UUID_TRANS, &[("tpm2-00.permall", &good)])
+            .join("tpm2-00.permall");
+        assert_ok(&hook(&h, "stopped", "end", None));
+        std::fs::write(&permall, b"").unwrap();
+
+        let out = hook(&h, "prepare", "begin", Some(fp));
+        assert_eq!(
+            out.status.code(),
+            None,
+            "{fp}: the failpoint did not crash the run"
+        );
+        let now = std::fs::read(&permall).unwrap();
+        assert!(now.is_empty() || now == good, "{fp}: neither state");
+        assert_eq!(
+            verified_states(&h, UUID_TRANS),
+            std::slice::from_ref(&good),
+            "{fp}"
+        );
+
+        assert_ok(&hook(&h, "prepare", "begin", None));
+        assert_eq!(std::fs::read(&permall).unwrap(), good, "{fp}");
+        let kept = std::fs::read_dir(h.vm_store(UUID_TRANS))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("corrupt-")
+            })
+            .count();
+        assert!(kept >= 1, "{fp}: no evidence kept");
+        for d in [h.vm_store(UUID_TRANS), h.swtpm.join(UUID_TRANS)] {
+            assert_eq!(
+                leftovers(&d),
+                Vec::<String>::new(),
+                "{fp}: in {}",
+                d.display()
+            );
+        }
+    }
+}

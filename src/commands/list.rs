@@ -63,6 +63,7 @@ fn table(vms: &[VmSummary]) -> String {
                 (v.migrated_away, "migrated"),
                 (v.defined, "defined"),
                 (v.protected, "protected"),
+                (v.evidence > 0, "corrupt-evidence"),
             ] {
                 if on {
                     flags.push(f);

@@ -30,6 +30,8 @@ struct Plan {
     name: String,
     doomed: Vec<String>,
     kept: Vec<(String, String)>,
+    /// Evidence directories named with --generation.
+    evidence: Vec<String>,
 }
 
 fn write_err(e: std::io::Error) -> Error {
@@ -70,8 +72,15 @@ pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
         for (g, why) in &plan.kept {
             writeln!(out, "kept {uuid} {g} {name}: {why}").map_err(write_err)?;
         }
-        for g in &plan.doomed {
+        for g in plan.doomed.iter().chain(&plan.evidence) {
             writeln!(out, "{verb} {uuid} {g} {name}").map_err(write_err)?;
+        }
+        if !req.dry_run && !plan.evidence.is_empty() {
+            vm.remove_evidence(&plan.evidence)?;
+            log::info!(
+                "vm={name} uuid={uuid} event=cli-prune: removed evidence {}",
+                plan.evidence.join(" ")
+            );
         }
         if !req.dry_run && !plan.doomed.is_empty() {
             vm.remove_generations(&plan.doomed)?;
@@ -118,6 +127,7 @@ fn plan_by_rule(
         name,
         doomed: Vec::new(),
         kept: Vec::new(),
+        evidence: Vec::new(),
     };
     for p in protected.iter().filter(|p| gens.contains(&p.generation)) {
         plan.kept.push((p.generation.clone(), format!(
@@ -167,9 +177,15 @@ fn plan_by_rule(
     Ok(plan)
 }
 
-/// `--vm VM --generation G...`: exactly these, protected or not.
+/// `--vm VM --generation G...`: exactly these, protected or not; a name
+/// may also be a corrupt state kept as evidence (`corrupt-...`).
 fn plan_by_name(vm: &VmStore, uuid: &str, named: &[String]) -> Result<Plan> {
     let gens = vm.generations()?;
+    let kept = vm.evidence()?;
+    let (mut evidence, named): (Vec<String>, Vec<String>) =
+        named.iter().cloned().partition(|g| kept.contains(g));
+    evidence.sort();
+    evidence.dedup();
     if let Some(g) = named.iter().find(|g| !gens.contains(g)) {
         return Err(Error::failed(format!(
             "VM {uuid} has no generation {g} (see `swtpm-keeper show {uuid}`); nothing removed"
@@ -187,5 +203,6 @@ fn plan_by_name(vm: &VmStore, uuid: &str, named: &[String]) -> Result<Plan> {
         name,
         doomed,
         kept: Vec::new(),
+        evidence,
     })
 }

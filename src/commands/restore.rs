@@ -177,6 +177,7 @@ pub fn run(
         restore::Replace {
             state: force && captured,
             nvram: force && captured,
+            ..Default::default()
         },
     )?;
     let nv = match &nvram {

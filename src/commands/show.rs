@@ -21,6 +21,18 @@ struct ShowJson {
     store_dir: String,
     /// Newest first.
     generations: Vec<GenerationJson>,
+    /// Corrupt states found at `prepare` and kept, never restored; newest
+    /// first.
+    evidence: Vec<EvidenceJson>,
+}
+
+#[derive(Serialize)]
+struct EvidenceJson {
+    name: String,
+    path: String,
+    /// None when it fails its own SHA256SUMS (see `error`).
+    record: Option<crate::evidence::Record>,
+    error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -76,6 +88,23 @@ pub fn run(
         .iter()
         .find_map(|g| g.manifest.as_ref().map(|m| m.name.clone()))
         .unwrap_or_default();
+    let evidence = vm
+        .evidence()?
+        .into_iter()
+        .rev()
+        .map(|e| {
+            let (record, error) = match vm.load_evidence(&e) {
+                Ok(r) => (Some(r), None),
+                Err(why) => (None, Some(why)),
+            };
+            EvidenceJson {
+                path: vm.dir().join(&e).display().to_string(),
+                name: e,
+                record,
+                error,
+            }
+        })
+        .collect();
     let doc = ShowJson {
         version: JSON_VERSION,
         defined: inventory::libvirt_definition(cfg, &name, &uuid).is_some(),
@@ -84,6 +113,7 @@ pub fn run(
         migrated_away: inventory::migrated_away(&vm, gens.last().map(String::as_str)),
         store_dir: vm.dir().display().to_string(),
         generations: list,
+        evidence,
     };
     if json {
         serde_json::to_writer_pretty(&mut *out, &doc).map_err(|e| Error::failed(e.to_string()))?;
@@ -132,6 +162,9 @@ fn render(doc: &ShowJson, protection_error: Option<&str>) -> String {
     if let Some(e) = protection_error {
         s.push_str(&format!("  PROTECTION RECORD UNREADABLE: {e}\n"));
     }
+    if !doc.evidence.is_empty() {
+        render_evidence(&mut s, &doc.uuid, &doc.evidence);
+    }
     let n = doc.generations.len();
     s.push_str(&format!(
         "  {n} generation{}, newest first:\n",
@@ -142,6 +175,52 @@ fn render(doc: &ShowJson, protection_error: Option<&str>) -> String {
         render_generation(&mut s, &doc.uuid, g);
     }
     s
+}
+
+/// Corrupt states kept as evidence: where they were found, why, and
+/// what replaced them.
+fn render_evidence(s: &mut String, uuid: &str, list: &[EvidenceJson]) {
+    s.push_str(&format!(
+        "  {} corrupt TPM state{} kept as evidence, never restored (the newest {} are kept; \
+         remove one with: swtpm-keeper prune --vm {uuid} --generation NAME):\n",
+        list.len(),
+        if list.len() == 1 { "" } else { "s" },
+        crate::evidence::KEEP
+    ));
+    for e in list {
+        let Some(r) = &e.record else {
+            s.push_str(&format!(
+                "    {}  DAMAGED: {}\n",
+                e.name,
+                e.error.as_deref().unwrap_or("?")
+            ));
+            continue;
+        };
+        s.push_str(&format!(
+            "    {}  found at {} on {} in {}, replaced by generation {}\n",
+            e.name,
+            r.event,
+            sanitize(&r.host),
+            sanitize(&r.state_path),
+            r.replaced_by
+        ));
+        for f in &r.files {
+            let verdict = match (&f.corrupt, &f.not_kept) {
+                (Some(why), _) => format!("corrupt: {why}"),
+                (None, Some(_)) => "not judged".into(),
+                (None, None) => "passes swtpm's checks".into(),
+            };
+            let kept = match &f.not_kept {
+                Some(why) => format!("not copied: {why}"),
+                None => format!("sha256 {}", f.sha256.as_deref().unwrap_or("-")),
+            };
+            s.push_str(&format!(
+                "      {:<22} {:>10}  {verdict}; {kept}\n",
+                f.name,
+                human_bytes(f.size)
+            ));
+        }
+    }
 }
 
 fn render_generation(s: &mut String, uuid: &str, g: &GenerationJson) {

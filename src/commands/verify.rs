@@ -19,7 +19,7 @@ pub fn run(cfg: &Config, vm_args: &[String], out: &mut dyn Write) -> Result<i32>
             .collect::<Result<Vec<_>>>()?
     };
     let w = |e: std::io::Error| Error::failed(format!("cannot write the output: {e}"));
-    let (mut good, mut bad) = (0, 0);
+    let (mut good, mut bad, mut evidence) = (0, 0, 0);
     for uuid in &uuids {
         let vm = match store.read_vm(uuid, cfg.lock_timeout()) {
             Ok(vm) => vm,
@@ -42,6 +42,21 @@ pub fn run(cfg: &Config, vm_args: &[String], out: &mut dyn Write) -> Result<i32>
                 }
             }
         }
+        // Evidence is reported, not counted: the exit code is about what a
+        // restore could use.
+        for e in vm.evidence()? {
+            let line = match vm.load_evidence(&e) {
+                Ok(r) => format!(
+                    "corrupt state from {} kept at {} ({}), never restored",
+                    sanitize(&r.state_path),
+                    r.time,
+                    r.event
+                ),
+                Err(why) => format!("DAMAGED ({why})"),
+            };
+            writeln!(out, "evidence {uuid} {e}: {line}").map_err(w)?;
+            evidence += 1;
+        }
     }
     writeln!(
         out,
@@ -49,5 +64,12 @@ pub fn run(cfg: &Config, vm_args: &[String], out: &mut dyn Write) -> Result<i32>
         uuids.len()
     )
     .map_err(w)?;
+    if evidence > 0 {
+        writeln!(
+            out,
+            "{evidence} corrupt states kept as evidence (not generations: see `swtpm-keeper show`)"
+        )
+        .map_err(w)?;
+    }
     Ok(if bad > 0 { 1 } else { 0 })
 }

@@ -535,6 +535,36 @@ check "live: the live capture was put back" \
 virsh destroy $N >/dev/null
 check_tpm_kept $U live
 virsh undefine $N >/dev/null
+# --- 15. a corrupt state at prepare: kept as evidence, the good one put back (issue 13) ---
+# What a host crash can leave (swtpm issue 985): a 0-byte permall, with
+# which `virsh start` fails ("CMD_INIT: 0x101"). The store holds a good
+# generation with the NV index; prepare keeps the bad file as evidence and
+# puts that generation back.
+N=swk-e2e-mend U=5ee2e000-0000-4000-8000-000000000020
+VMS+=("$N")
+mark_tpm $N $U mend
+virsh start $N >/dev/null && virsh destroy $N >/dev/null   # a stop captures the TPM with its NV index
+G=$(newest_gen $U)
+check "mend: the store holds a generation" test -n "$G"
+: >$SWTPM/$U/tpm2/tpm2-00.permall
+check "mend: libvirt's permall is 0 bytes" test ! -s $SWTPM/$U/tpm2/tpm2-00.permall
+check "mend: virsh start succeeds" quiet virsh start $N
+virsh destroy $N >/dev/null
+check "mend: prepare put the stored permall back, byte-identical" \
+    same_file "$SNAP/prepare/$U/tpm2/tpm2-00.permall" "$G/tpm2-00.permall"
+EV=$(ls -d "$STORE/$U"/corrupt-* 2>/dev/null | tail -n 1)
+check "mend: the 0-byte permall is kept as evidence" \
+    sh -c "[ -n '$EV' ] && [ -f '$EV/tpm2-00.permall' ] && [ ! -s '$EV/tpm2-00.permall' ]"
+check "mend: the evidence verifies with sha256sum -c" sh -c "cd '$EV' && sha256sum -c --quiet SHA256SUMS"
+check "mend: one syslog line says what was kept and what was restored" \
+    wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "was corrupt (tpm2-00.permall: the file is empty): kept it as evidence in $EV, never restored; restored TPM 2.0 state from generation $(basename "$G")"
+check "mend: show lists the evidence" sh -c "'$KEEPER' show $N | grep -qF '$(basename "$EV")'"
+check "mend: list flags the VM" sh -c "'$KEEPER' list | grep '^$N ' | grep -q corrupt-evidence"
+check "mend: verify reports it as evidence and exits 0" \
+    sh -c "'$KEEPER' verify $U >'$WORK/mend.verify' && grep -qF 'evidence $U $(basename "$EV")' '$WORK/mend.verify'"
+check_tpm_kept $U mend
+virsh undefine $N >/dev/null
+# --- end of case 15 ---
 
 # Checked last, long after case 2's release ran: had it logged at info,
 # rsyslog would have written the line by now.
