@@ -54,6 +54,7 @@ cleanup() {
     # for the next run.
     [ -s "$WORK/swtpm.pid" ] && kill "$(cat "$WORK/swtpm.pid")" 2>/dev/null
     rm -f "$SNAPHOOK"
+    [ -n "${GLUSTER_UP:-}" ] && "$HERE/gluster.sh" down >/dev/null 2>&1
     if [ -z "${SWTPM_KEEPER_E2E_INSTALLED:-}" ]; then
         make -s -C "$TOP" uninstall PREFIX=/usr/local >/dev/null 2>&1
     fi
@@ -565,6 +566,46 @@ check "mend: verify reports it as evidence and exits 0" \
 check_tpm_kept $U mend
 virsh undefine $N >/dev/null
 # --- end of case 15 ---
+
+# --- 16. a lost host, with the store on a shared filesystem (GlusterFS) ---
+# Two mounts of one volume are two hosts' views of the store. The VM runs
+# with an NV index only its live capture holds; then the host dies (no
+# hook runs) and the VM starts again from the other view.
+N=swk-e2e-hostloss U=5ee2e000-0000-4000-8000-000000000021
+VMS+=("$N")
+"$HERE/gluster.sh" up >"$WORK/gluster.out" 2>&1 || { sed 's/^/#   /' "$WORK/gluster.out"; die "cannot set up GlusterFS"; }
+GLUSTER_UP=1
+mapfile -t VIEW < <("$HERE/gluster.sh" views)
+printf 'store_dir = "%s/store"\n' "${VIEW[0]}" >"$CONF"
+mark_tpm $N $U hostloss
+virsh start $N >/dev/null || die "cannot start $N"
+"$KEEPER" capture --all >"$WORK/hostloss.out" 2>&1
+check "host loss: capture --all keeps the running VM on the shared store" grep -q " captured $N: TPM" "$WORK/hostloss.out"
+G=$(ls -d "${VIEW[0]}/store/$U"/0* | tail -n 1)
+QPID=$(cat /run/libvirt/qemu/$N.pid 2>/dev/null)
+SPID=$(cat /run/libvirt/qemu/swtpm/*-$N-swtpm.pid 2>/dev/null)
+# The host dies: libvirtd, QEMU and swtpm killed, no hook runs; its disk
+# (TPM state, definition, status files) is gone.
+pkill -9 -x libvirtd
+[ -n "$QPID" ] && kill -9 "$QPID" 2>/dev/null
+[ -n "$SPID" ] && kill -9 "$SPID" 2>/dev/null
+wait_for 10 sh -c "! kill -0 ${QPID:-0} 2>/dev/null && ! kill -0 ${SPID:-0} 2>/dev/null"
+rm -rf "${SWTPM:?}/$U" "/etc/libvirt/qemu/$N.xml" /run/libvirt/qemu/$N.* /run/libvirt/qemu/swtpm/*-$N-swtpm.*
+# Another host: the store through the other mount.
+printf 'store_dir = "%s/store"\n' "${VIEW[1]}" >"$CONF"
+libvirtd -d || die "libvirtd does not start"
+wait_for 30 sh -c 'virsh -q -c qemu:///system version >/dev/null 2>&1' || die "libvirtd does not answer"
+"$KEEPER" show $N --xml >"$WORK/$N.lost.xml"
+check "host loss: the VM is defined again from the store" quiet virsh define "$WORK/$N.lost.xml"
+check "host loss: it starts" quiet virsh start $N
+check "host loss: its TPM came from the live capture, through the other view" \
+    wait_for 5 syslog_has "vm=$N uuid=$U event=prepare/begin" "restored TPM 2.0 state from generation $(basename "$G")"
+virsh destroy $N >/dev/null
+check_tpm_kept $U hostloss
+virsh undefine $N >/dev/null
+printf 'store_dir = "%s"\n' "$STORE" >"$CONF"
+"$HERE/gluster.sh" down >"$WORK/gluster.out" 2>&1 || { sed 's/^/#   /' "$WORK/gluster.out"; nok "GlusterFS torn down"; }
+GLUSTER_UP=
 
 # Checked last, long after case 2's release ran: had it logged at info,
 # rsyslog would have written the line by now.
