@@ -164,6 +164,29 @@ impl Host {
         v
     }
 
+    /// The socket this host's syslog lines arrive at.
+    pub fn log_socket(&self) -> PathBuf {
+        self.root.join("log.sock")
+    }
+
+    /// `program args` in a mount namespace of its own (root only) whose
+    /// `/dev` is a fresh tmpfs holding `null` and a `log` that is this
+    /// host's socket: what the program sends to syslog's default socket,
+    /// before or without a configuration, arrives where `logs` reads,
+    /// whether or not the machine has a `/dev/log`.
+    pub fn with_own_dev_log(&self, program: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(
+                "mount -t tmpfs -o mode=0755 swk-dev /dev && mknod -m 0666 /dev/null c 1 3 \
+                 && ln -s \"$0\" /dev/log && exec \"$@\"",
+            )
+            .arg(self.log_socket())
+            .arg(program)
+            .args(args);
+        c
+    }
+
     /// Every line logged since the last call.
     pub fn logs(&self) -> Vec<String> {
         let mut v = Vec::new();
