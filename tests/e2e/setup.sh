@@ -3,7 +3,7 @@
 # libvirt, qemu, swtpm, rsyslog. Works with or without systemd.
 set -euo pipefail
 # build-essential: rustc links with cc, and cargo-fuzz builds libFuzzer (C++).
-pkgs=(libvirt-daemon-system libvirt-clients qemu-system-x86 swtpm swtpm-tools rsyslog ovmf tpm2-tools
+pkgs=(libvirt-daemon-system libvirt-clients qemu-system-x86 swtpm swtpm-tools rsyslog ovmf tpm2-tools strace
     git make build-essential curl ca-certificates)
 need=()
 for p in "${pkgs[@]}"; do
