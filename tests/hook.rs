@@ -203,6 +203,30 @@ fn release_after_stopped_adds_nothing_when_the_state_is_the_same() {
 }
 
 #[test]
+fn a_new_generation_needs_a_changed_tpm_state_or_nvram_not_a_changed_definition() {
+    let h = Host::new("identity");
+    h.put_state(
+        UUID_EFI,
+        &[("tpm2-00.permall", &fixture("tpm2-00.permall.encrypted"))],
+    );
+    std::fs::write(h.nvram_path(), vec![1u8; 4096]).unwrap();
+    assert_ok(&h.hook("efitest", "stopped", "end", "-", &h.efi_xml()));
+    // Another definition (the live XML at release often differs): the
+    // TPM state and the NVRAM are what a generation is kept for.
+    let other = String::from_utf8(h.efi_xml()).unwrap().replacen(
+        "</name>",
+        "</name><description>changed</description>",
+        1,
+    );
+    assert_ok(&h.hook("efitest", "release", "end", "-", other.as_bytes()));
+    assert_eq!(h.generations(UUID_EFI).len(), 1, "{:?}", h.logs());
+    // The NVRAM alone changed: a new generation.
+    std::fs::write(h.nvram_path(), vec![2u8; 4096]).unwrap();
+    assert_ok(&h.hook("efitest", "stopped", "end", "-", &h.efi_xml()));
+    assert_eq!(h.generations(UUID_EFI).len(), 2, "{:?}", h.logs());
+}
+
+#[test]
 fn a_release_for_a_migration_marks_the_unchanged_state_and_says_so_at_info() {
     let h = Host::new("releasemigrated");
     h.put_state(
