@@ -1,0 +1,148 @@
+//! The store's text formats, through the library's public functions: the
+//! times in manifests and generation names, `SHA256SUMS` lines, and the
+//! manifest's format number. (Found by `make mutants`: these rules had
+//! mutants no other test killed.)
+
+mod common;
+
+use common::*;
+use swtpm_keeper::manifest::{compact_time, parse_sums, rfc3339, sha256_hex, Manifest};
+
+/// (year, month, day) of `days` since 1970-01-01, by walking the calendar
+/// one day at a time: slow, and obviously right.
+fn walk(days: i64) -> (i64, u32, u32) {
+    let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let len = |y: i64, m: u32| match m {
+        2 if leap(y) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    let (mut y, mut m, mut d) = (1970i64, 1u32, 1u32);
+    for _ in 0..days.max(0) {
+        d += 1;
+        if d > len(y, m) {
+            (d, m) = (1, m + 1);
+            if m > 12 {
+                (m, y) = (1, y + 1);
+            }
+        }
+    }
+    for _ in days.min(0)..0 {
+        d -= 1;
+        if d == 0 {
+            if m == 1 {
+                (m, y) = (12, y - 1);
+            } else {
+                m -= 1;
+            }
+            d = len(y, m);
+        }
+    }
+    (y, m, d)
+}
+
+#[test]
+fn times_match_a_day_by_day_calendar_over_three_centuries() {
+    // 1820 to 2120: the non-leap centuries 1900 and 2100, the leap 2000.
+    let first = -55_000i64;
+    let (mut y, mut m, mut d) = walk(first);
+    let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    for days in first..55_000 {
+        let noon = days * 86_400 + 12 * 3600 + 34 * 60 + 56;
+        let want = format!("{y:04}-{m:02}-{d:02}T12:34:56Z");
+        assert_eq!(rfc3339(noon), want, "day {days}");
+        assert_eq!(
+            compact_time(noon),
+            format!("{y:04}{m:02}{d:02}T123456Z"),
+            "day {days}"
+        );
+        // Next day, as `walk` counts.
+        let len = match m {
+            2 if leap(y) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        d += 1;
+        if d > len {
+            (d, m) = (1, m + 1);
+            if m > 12 {
+                (m, y) = (1, y + 1);
+            }
+        }
+    }
+    assert_eq!(walk(0), (1970, 1, 1));
+    assert_eq!(walk(-1), (1969, 12, 31));
+    // The ends of eras and centuries, and the second before midnight.
+    for (t, want) in [
+        (-11_670_998_400, "1600-02-29T00:00:00Z"),
+        (-11_670_912_000, "1600-03-01T00:00:00Z"),
+        (-2_203_891_201, "1900-02-28T23:59:59Z"),
+        (-2_203_891_200, "1900-03-01T00:00:00Z"),
+        (-1, "1969-12-31T23:59:59Z"),
+        (951_827_696, "2000-02-29T12:34:56Z"),
+        (951_868_800, "2000-03-01T00:00:00Z"),
+        (4_107_542_399, "2100-02-28T23:59:59Z"),
+        (4_107_542_400, "2100-03-01T00:00:00Z"),
+        (13_574_563_200, "2400-02-29T00:00:00Z"),
+        (13_574_649_600, "2400-03-01T00:00:00Z"),
+    ] {
+        assert_eq!(rfc3339(t), want);
+    }
+}
+
+#[test]
+fn sha256sums_lines_need_64_hex_digits_and_a_plain_name() {
+    let hex = sha256_hex(b"x");
+    assert_eq!(
+        parse_sums(&format!("{hex}  tpm2-00.permall\n")).unwrap(),
+        [("tpm2-00.permall".to_string(), hex.clone())]
+    );
+    // Upper case is read as lower case.
+    assert_eq!(
+        parse_sums(&format!("{}  a\n", hex.to_uppercase())).unwrap()[0].1,
+        hex
+    );
+    for (bad, why) in [
+        (format!("{}  a\n", "g".repeat(64)), "64 characters, not hex"),
+        (format!("{}  a\n", &hex[..63]), "63 hex digits"),
+        (format!("{hex}a  a\n"), "65 hex digits"),
+        (format!("{hex}  \n"), "no name"),
+        (format!("{hex}  d/a\n"), "a path"),
+        (format!("{hex} a\n"), "one space"),
+    ] {
+        assert!(parse_sums(&bad).is_err(), "accepted {why}: {bad:?}");
+    }
+}
+
+#[test]
+fn a_manifest_of_a_newer_format_is_refused_and_this_one_is_read() {
+    let h = Host::new("formats");
+    write_generation(
+        &h,
+        &FixtureGen {
+            uuid: UUID_TRANS,
+            vm: "tpmtrans",
+            generation: "00000001-20261101T000000Z",
+            time_unix: 1_793_491_200,
+            event: "stopped",
+            reason: "-",
+            secret: None,
+            files: &[("tpm2-00.permall", "tpm", &fixture("tpm2-00.permall.plain"))],
+        },
+    );
+    let path = h
+        .vm_store(UUID_TRANS)
+        .join("00000001-20261101T000000Z")
+        .join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    for format in [0, 1] {
+        m["format"] = format.into();
+        let read = Manifest::from_json(&serde_json::to_vec(&m).unwrap());
+        assert!(read.is_ok(), "format {format}: {read:?}");
+    }
+    m["format"] = 2.into();
+    let err = Manifest::from_json(&serde_json::to_vec(&m).unwrap()).unwrap_err();
+    assert!(err.contains("manifest format 2 is newer"), "{err}");
+}
