@@ -1,12 +1,13 @@
-//! The store's text formats, through the library's public functions: the
-//! times in manifests and generation names, `SHA256SUMS` lines, and the
-//! manifest's format number. (Found by `make mutants`: these rules had
-//! mutants no other test killed.)
+//! The store's formats, through the library's public functions: the times
+//! in manifests and generation names, `SHA256SUMS` lines, the manifest's
+//! format number, and the bounds of swtpm's blob header and TLVs. (Found
+//! by `make mutants`: these rules had mutants no other test killed.)
 
 mod common;
 
 use common::*;
 use swtpm_keeper::manifest::{compact_time, parse_sums, rfc3339, sha256_hex, Manifest};
+use swtpm_keeper::swtpm::check_blob;
 
 /// (year, month, day) of `days` since 1970-01-01, by walking the calendar
 /// one day at a time: slow, and obviously right.
@@ -145,4 +146,75 @@ fn a_manifest_of_a_newer_format_is_refused_and_this_one_is_read() {
     m["format"] = 2.into();
     let err = Manifest::from_json(&serde_json::to_vec(&m).unwrap()).unwrap_err();
     assert!(err.contains("manifest format 2 is newer"), "{err}");
+}
+
+/// A swtpm blob: the 10-byte header (version, minimum version, header
+/// size, flags, total length = the real length unless `totlen` says
+/// otherwise) with `pad` bytes of header beyond 10, then `tlvs` as given.
+fn blob(version: u8, min: u8, hdrsize: u16, pad: usize, tlvs: &[u8]) -> Vec<u8> {
+    let mut v = vec![version, min];
+    v.extend_from_slice(&hdrsize.to_be_bytes());
+    v.extend_from_slice(&0u16.to_be_bytes());
+    v.extend_from_slice(&[0; 4]);
+    v.extend(std::iter::repeat_n(0u8, pad));
+    v.extend_from_slice(tlvs);
+    let len = (v.len() as u32).to_be_bytes();
+    v[6..10].copy_from_slice(&len);
+    v
+}
+
+/// A TLV: tag, length (as stated), then `data`.
+fn tlv(tag: u16, len: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = tag.to_be_bytes().to_vec();
+    v.extend_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+#[test]
+fn a_swtpm_blob_header_is_checked_at_each_bound() {
+    // The smallest valid blob: a bare 10-byte header, version 1.
+    assert_eq!(check_blob(&blob(1, 1, 10, 0, &[]), false), Ok(0));
+    assert_eq!(check_blob(&blob(2, 1, 10, 0, &[]), false), Ok(0));
+    for short in [1usize, 5, 9] {
+        let err = check_blob(&blob(1, 1, 10, 0, &[])[..short], false).unwrap_err();
+        assert!(
+            err.contains("too short for a swtpm header"),
+            "{short}: {err}"
+        );
+    }
+    let err = check_blob(&blob(0, 1, 10, 0, &[]), false).unwrap_err();
+    assert!(err.contains("unknown swtpm header version 0/1"), "{err}");
+    let err = check_blob(&blob(2, 2, 10, 0, &[]), false).unwrap_err();
+    assert!(err.contains("unknown swtpm header version 2/2"), "{err}");
+    // The header size: at least 10, at most the file.
+    let err = check_blob(&blob(1, 1, 9, 0, &[]), false).unwrap_err();
+    assert!(err.contains("bad swtpm header size 9"), "{err}");
+    assert_eq!(check_blob(&blob(1, 1, 16, 6, &[]), false), Ok(0));
+    let err = check_blob(&blob(1, 1, 17, 6, &[]), false).unwrap_err();
+    assert!(err.contains("bad swtpm header size 17"), "{err}");
+}
+
+#[test]
+fn swtpm_tlvs_must_tile_the_blob_exactly() {
+    // An empty TLV that ends the file exactly, after a full one.
+    let ok = [tlv(2, 3, b"abc"), tlv(3, 0, b"")].concat();
+    assert_eq!(check_blob(&blob(1, 1, 10, 0, &ok), false), Ok(0));
+    // Fewer than 6 bytes left: a truncated TLV.
+    for left in 1..6 {
+        let b = blob(1, 1, 10, 0, &tlv(2, 0, b"")[..left]);
+        let err = check_blob(&b, false).unwrap_err();
+        assert!(err.contains("truncated TLV at offset 10"), "{left}: {err}");
+    }
+    // A length past the end, for the data tag and another.
+    for tag in [1u16, 2] {
+        let b = blob(1, 1, 10, 0, &tlv(tag, 4, b"abc"));
+        let err = check_blob(&b, false).unwrap_err();
+        assert!(
+            err.contains("runs past the end of the file"),
+            "{tag}: {err}"
+        );
+        let b = blob(1, 1, 10, 0, &tlv(tag, u32::MAX, b"abc"));
+        assert!(check_blob(&b, false).is_err(), "{tag}: a huge length");
+    }
 }
