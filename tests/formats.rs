@@ -218,3 +218,25 @@ fn swtpm_tlvs_must_tile_the_blob_exactly() {
         assert!(check_blob(&b, false).is_err(), "{tag}: a huge length");
     }
 }
+
+#[test]
+fn a_plain_tpm2_permall_is_judged_by_its_first_data_tlv() {
+    let magic = [0xab, 0x36, 0x47, 0x23];
+    let data = [&[0, 0][..], &magic, &[7; 8], &magic].concat();
+    let good = tlv(1, data.len() as u32, &data);
+    let junk = tlv(1, 12, &[0; 12]);
+    // The first data TLV (tag 1) counts; a later one does not.
+    let b = blob(1, 1, 10, 0, &[good.clone(), junk.clone()].concat());
+    assert_eq!(check_blob(&b, true), Ok(0));
+    let b = blob(1, 1, 10, 0, &[junk, good.clone()].concat());
+    let err = check_blob(&b, true).unwrap_err();
+    assert!(err.contains("lacks its magic numbers"), "{err}");
+    // Another tag is not data, whatever it holds.
+    let b = blob(1, 1, 10, 0, &tlv(2, data.len() as u32, &data));
+    let err = check_blob(&b, true).unwrap_err();
+    assert!(err.contains("plain state has no data TLV"), "{err}");
+    // The second TLV is read where the first ends.
+    let b = blob(1, 1, 10, 0, &[good, vec![0, 2, 0]].concat());
+    let err = check_blob(&b, true).unwrap_err();
+    assert!(err.contains("truncated TLV at offset 34"), "{err}");
+}
