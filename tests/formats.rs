@@ -240,3 +240,69 @@ fn a_plain_tpm2_permall_is_judged_by_its_first_data_tlv() {
     let err = check_blob(&b, true).unwrap_err();
     assert!(err.contains("truncated TLV at offset 34"), "{err}");
 }
+
+/// A swtpm linear file: the header ("swtpmlin", version 1, flags, header
+/// size `hdrsize`), `entries` as (offset, data length, section length),
+/// then `body` placed from the end of the header on.
+fn linear(hdrsize: u16, entries: &[(u32, u32, u32)], body: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8; hdrsize as usize];
+    v[..8].copy_from_slice(&0x7377_7470_6d6c_696e_u64.to_le_bytes());
+    v[8] = 1;
+    v[10..12].copy_from_slice(&hdrsize.to_le_bytes());
+    for (i, (o, l, s)) in entries.iter().enumerate() {
+        let e = 12 + i * 12;
+        v[e..e + 4].copy_from_slice(&o.to_le_bytes());
+        v[e + 4..e + 8].copy_from_slice(&l.to_le_bytes());
+        v[e + 8..e + 12].copy_from_slice(&s.to_le_bytes());
+    }
+    v.extend_from_slice(body);
+    v
+}
+
+#[test]
+fn a_swtpm_linear_file_is_checked_at_each_bound() {
+    use swtpm_keeper::swtpm::check_linear;
+    let state = fixture("tpm2-00.permall.plain");
+    let n = state.len() as u32;
+    // Two entries' room; the state in the second, 4 bytes after the
+    // header; the first freed but keeping its section (0x100 bytes).
+    let ok = linear(
+        36,
+        &[(0, 0, 0x100), (40, n, n)],
+        &[&[0; 4][..], &state].concat(),
+    );
+    assert_eq!(check_linear(&ok), Ok(()));
+    // A freed entry that still names an offset is skipped too.
+    let freed = linear(
+        36,
+        &[(40, 0, 0), (40, n, n)],
+        &[&[0; 4][..], &state].concat(),
+    );
+    assert_eq!(check_linear(&freed), Ok(()));
+    // An entry pointing into the header.
+    let inside = linear(36, &[(12, n, n)], &state);
+    let err = check_linear(&inside).unwrap_err();
+    assert!(
+        err.contains("linear entry 0 points outside the file"),
+        "{err}"
+    );
+    // A bare 12-byte header: a linear file, formatted, never written.
+    let bare = linear(12, &[], &[]);
+    assert_eq!(bare.len(), 12);
+    let err = check_linear(&bare).unwrap_err();
+    assert!(err.contains("holds no TPM state"), "{err}");
+    for short in 1..12 {
+        let err = check_linear(&bare[..short]).unwrap_err();
+        assert!(err.contains("no 'swtpmlin' magic"), "{short}: {err}");
+    }
+    // Header sizes below 12 and past the file.
+    let mut small = linear(12, &[], &state);
+    small[10] = 11;
+    let err = check_linear(&small).unwrap_err();
+    assert!(err.contains("bad linear header size 11"), "{err}");
+    let past = linear(12, &[], &[0; 4]);
+    let mut past = past;
+    past[10] = 17;
+    let err = check_linear(&past).unwrap_err();
+    assert!(err.contains("bad linear header size 17"), "{err}");
+}
