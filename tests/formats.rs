@@ -235,6 +235,24 @@ fn a_plain_tpm2_permall_is_judged_by_its_first_data_tlv() {
     let b = blob(1, 1, 10, 0, &tlv(2, data.len() as u32, &data));
     let err = check_blob(&b, true).unwrap_err();
     assert!(err.contains("plain state has no data TLV"), "{err}");
+    // The data's bounds: 10 bytes is enough, fewer is not, and both
+    // magic numbers are needed.
+    let ten = [&[0, 0][..], &magic, &magic].concat();
+    let b = blob(1, 1, 10, 0, &tlv(1, 10, &ten));
+    assert_eq!(check_blob(&b, true), Ok(0));
+    for short in [3usize, 5, 9] {
+        let b = blob(1, 1, 10, 0, &tlv(1, short as u32, &ten[..short]));
+        let err = check_blob(&b, true).unwrap_err();
+        assert!(err.contains("lacks its magic numbers"), "{short}: {err}");
+    }
+    for bad in [
+        [&[0, 0][..], &magic, &[7; 12]].concat(),
+        [&[0; 6][..], &[7; 8], &magic].concat(),
+    ] {
+        let b = blob(1, 1, 10, 0, &tlv(1, bad.len() as u32, &bad));
+        let err = check_blob(&b, true).unwrap_err();
+        assert!(err.contains("lacks its magic numbers"), "{err}");
+    }
     // The second TLV is read where the first ends.
     let b = blob(1, 1, 10, 0, &[good, vec![0, 2, 0]].concat());
     let err = check_blob(&b, true).unwrap_err();
