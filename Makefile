@@ -7,6 +7,7 @@
 #   make lint                 cargo fmt --check and cargo clippy -D warnings
 #   make check                every test, hermetic and against a real libvirtd
 #                             (as root on Debian 12; installs what it needs)
+#   make mutants              mutation testing of the core (cargo-mutants; hours)
 # Packagers: `make && make install DESTDIR=$pkgdir PREFIX=/usr` (see
 # docs/packaging.md). With DESTDIR set, install never touches the running
 # system (no daemon reload).
@@ -34,7 +35,7 @@ MAINHOOK = $(SYSCONFDIR)/libvirt/hooks/qemu
 CONFDIR  = $(SYSCONFDIR)/swtpm-keeper
 STOREDIR = $(LOCALSTATEDIR)/lib/swtpm-keeper
 
-.PHONY: all build install uninstall test lint check clean deb rpm dist
+.PHONY: all build install uninstall test lint check clean deb rpm dist mutants
 
 all: build
 
@@ -98,6 +99,19 @@ lint:
 
 check:
 	tests/run-all
+
+# Mutation testing of the modules that decide what is kept and what is
+# restored. Each mutant is built and tested alone: hours on 2 cores, so not
+# part of `check` (figures in docs/reliability.md). Narrow it with e.g.
+# `make mutants MUTANTS_FILES=src/swtpm.rs MUTANTS_TEST_ARGS="--lib --test cli"`.
+MUTANTS_FILES ?= src/store.rs src/restore.rs src/manifest.rs src/swtpm.rs \
+                 src/lock.rs src/fsutil.rs src/capture.rs
+MUTANTS_JOBS  ?= 1
+MUTANTS_TEST_ARGS ?=
+mutants:
+	command -v cargo-mutants >/dev/null || $(CARGO) install --locked cargo-mutants
+	$(CARGO) mutants -j $(MUTANTS_JOBS) $(addprefix --file ,$(MUTANTS_FILES)) \
+	    $(if $(MUTANTS_TEST_ARGS),-- $(MUTANTS_TEST_ARGS))
 
 # The source tree as released: what git tracks.
 dist:

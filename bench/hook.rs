@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use swtpm_keeper::manifest::{self, FileEntry, Manifest, TpmInfo};
+use swtpm_keeper::store;
 
 const HOOK_BIN: &str = env!("CARGO_BIN_EXE_swtpm-keeper");
 const TOP: &str = env!("CARGO_MANIFEST_DIR");
@@ -138,6 +139,46 @@ impl Bench {
         x
     }
 
+    /// A store `store-<tag>` whose every VM in `uuids` holds one older
+    /// generation, and a configuration keeping one: the next stop of each
+    /// writes a generation and prunes the older one. Returns the config.
+    fn store_conf(&self, tag: &str, uuids: &[String]) -> PathBuf {
+        let store = self.dir.join(format!("store-{tag}"));
+        for u in uuids {
+            write_generations(&store.join(u), u, "seeded", 1);
+        }
+        let conf = self.dir.join(format!("{tag}.conf"));
+        fs::write(
+            &conf,
+            format!(
+                "store_dir = {store:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\ngenerations = 1\n",
+                self.dir.join("swtpm"),
+                self.dir.join("etc-qemu")
+            ),
+        )
+        .unwrap();
+        conf
+    }
+
+    /// Each VM in `store-<tag>` holds exactly one generation, the new one
+    /// (sequence 2: the seeded one was pruned), and it verifies.
+    fn assert_each_captured_and_pruned(&self, tag: &str, uuids: &[String]) {
+        let store = self.dir.join(format!("store-{tag}"));
+        for u in uuids {
+            let gens: Vec<String> = fs::read_dir(store.join(u))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| store::is_generation_name(n))
+                .collect();
+            assert!(
+                gens.len() == 1 && gens[0].starts_with("00000002-"),
+                "{tag}: {u} was not captured and pruned: {gens:?}"
+            );
+            store::load_verified(&store.join(u).join(&gens[0]), 1 << 20)
+                .unwrap_or_else(|e| panic!("{tag}: {u}: {e}"));
+        }
+    }
+
     /// The guest ran: its TPM state changed (a new file renamed in, as swtpm does).
     fn mutate(&self, uuid: &str, i: usize) {
         let d = self.dir.join("swtpm").join(uuid).join("tpm2");
@@ -223,7 +264,8 @@ fn main() {
     let noop_rss = rss;
 
     // 2./3. Capture: 6 KB TPM state + 540 KB NVRAM, all fsynced, vs a shell
-    // hook (grep, cp -a, sync -f) and a Python hook (ElementTree, shutil).
+    // hook (grep, cp -a, fsync of what it copied) and a Python hook
+    // (ElementTree, shutil, the same fsyncs).
     let uuid = "bbbbbbbb-0000-4000-8000-000000000000";
     let xml = b.make_vm("win", uuid);
     let sh = format!("{TOP}/bench/baseline-hook.sh");
@@ -311,24 +353,33 @@ fn main() {
         "< 500 ms total",
     );
 
-    // 5. Host shutdown: 200 VMs' stopped + release, 16 at a time, one store.
+    // 5. Host shutdown: 200 VMs' stopped + release, 16 at a time, against
+    // the same 200 VMs' in sequence. Both do the same work: each VM's store
+    // holds one older generation and `generations = 1`, so each stop
+    // writes a generation and prunes one.
     let vms = b.n(200, 32);
     let list: Vec<(String, String, PathBuf)> = (0..vms)
         .map(|i| {
             let (name, uuid) = (format!("vm{i}"), format!("cccccccc-0000-4000-8000-{i:012}"));
             let x = b.make_vm(&name, &uuid);
+            b.mutate(&uuid, 1);
             (name, uuid, x)
         })
         .collect();
+    let uuids: Vec<String> = list.iter().map(|(_, u, _)| u.clone()).collect();
+    let storm_conf = b.store_conf("storm", &uuids);
     let list = Arc::new(list);
     let next = Arc::new(AtomicUsize::new(0));
     let b_hook = b.hook.clone();
-    let b_conf = b.conf.clone();
     let t0 = Instant::now();
     let workers: Vec<_> = (0..16)
         .map(|_| {
-            let (list, next, hook, conf) =
-                (list.clone(), next.clone(), b_hook.clone(), b_conf.clone());
+            let (list, next, hook, conf) = (
+                list.clone(),
+                next.clone(),
+                b_hook.clone(),
+                storm_conf.clone(),
+            );
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some((name, _, x)) = list.get(i) else {
@@ -348,24 +399,23 @@ fn main() {
         w.join().unwrap();
     }
     let parallel = t0.elapsed();
-    for (_, u, _) in list.iter() {
-        assert!(dir.join("store").join(u).is_dir(), "{u} was not captured");
-    }
-    let one = "dddddddd-0000-4000-8000-000000000000";
-    let x1 = b.make_vm("solo", one);
+    b.assert_each_captured_and_pruned("storm", &uuids);
+    let seq_conf = b.store_conf("sequential", &uuids);
     let t0 = Instant::now();
-    for i in 0..vms {
-        b.mutate(one, i);
-        run(&mut b.hook_cmd(&["solo", "stopped", "end", "-"]), &x1);
-        run(&mut b.hook_cmd(&["solo", "release", "end", "-"]), &x1);
+    for (name, _, x) in list.iter() {
+        for op in ["stopped", "release"] {
+            let mut c = b.hook_cmd(&[name.as_str(), op, "end", "-"]);
+            c.env("SWTPM_KEEPER_CONFIG", &seq_conf);
+            run(&mut c, x);
+        }
     }
-    // The mutations are outside the hook; subtract nothing, they are tiny.
     let sequential = t0.elapsed();
+    b.assert_each_captured_and_pruned("sequential", &uuids);
     let ideal = sequential / 16;
     b.row(
-        &format!("host-shutdown storm: {vms} VMs x (stopped + release), 16 at a time"),
+        &format!("host-shutdown storm: {vms} VMs x (stopped + release, prune), 16 at a time"),
         ms(parallel),
-        format!("{} ({vms} runs of one VM in sequence / 16)", ms(ideal)),
+        format!("{} (the same {vms} VMs in sequence / 16)", ms(ideal)),
         format!("{:.2}x", parallel.as_secs_f64() / ideal.as_secs_f64()),
         "report: no lock contention means about 16 / cores",
     );
@@ -468,87 +518,91 @@ fn uname() -> String {
 /// A store in the real on-disk format, written directly (no fsync): V VMs,
 /// G generations each, with a 6 KB state and small XML files.
 fn build_store(root: &Path, vms: usize, gens: usize) {
+    for i in 0..vms {
+        let uuid = format!("eeeeeeee-0000-4000-8000-{i:012}");
+        write_generations(&root.join(&uuid), &uuid, &format!("vm{i}"), gens);
+    }
+}
+
+/// `gens` generations of one VM in `vm` (its store directory).
+fn write_generations(vm: &Path, uuid: &str, name: &str, gens: usize) {
     let permall =
         fs::read(Path::new(TOP).join("tests/fixtures/libvirt-9.0/tpm2-00.permall.plain")).unwrap();
     let permall_sha = manifest::sha256_hex(&permall);
-    for i in 0..vms {
-        let uuid = format!("eeeeeeee-0000-4000-8000-{i:012}");
-        let vm = root.join(&uuid);
-        fs::create_dir_all(&vm).unwrap();
-        fs::write(vm.join(".lock"), b"").unwrap();
-        let xml = format!("<domain type='qemu'><name>vm{i}</name><uuid>{uuid}</uuid></domain>\n");
-        for g in 0..gens {
-            let gname = format!("{:08}-20261101T{:02}0000Z", g + 1, g);
-            let gd = vm.join(&gname);
-            fs::create_dir(&gd).unwrap();
-            let mut files = Vec::new();
-            let mut sums = Vec::new();
-            for (name, role, bytes, sha) in [
-                (
-                    "tpm2-00.permall",
-                    "tpm",
-                    permall.as_slice(),
-                    permall_sha.clone(),
-                ),
-                (
-                    "domain.xml",
-                    "domain",
-                    xml.as_bytes(),
-                    manifest::sha256_hex(xml.as_bytes()),
-                ),
-                (
-                    "domain-live.xml",
-                    "domain-live",
-                    xml.as_bytes(),
-                    manifest::sha256_hex(xml.as_bytes()),
-                ),
-            ] {
-                fs::write(gd.join(name), bytes).unwrap();
-                sums.push((name.to_string(), sha.clone()));
-                files.push(FileEntry {
-                    name: name.into(),
-                    role: role.into(),
-                    source: None,
-                    size: bytes.len() as u64,
-                    mode: "0600".into(),
-                    uid: 0,
-                    gid: 0,
-                    owner: None,
-                    group: None,
-                    sha256: sha,
-                    identity: None,
-                });
-            }
-            let m = Manifest {
-                format: manifest::FORMAT,
-                uuid: uuid.clone(),
-                name: format!("vm{i}"),
-                event: "stopped".into(),
-                sub_event: "end".into(),
-                reason: "-".into(),
-                time: "2026-11-01T00:00:00Z".into(),
-                time_unix: 1_793_491_200 + g as i64,
-                host: "bench".into(),
-                swtpm_keeper_version: "bench".into(),
-                persistent: false,
-                domain_xml_from: "hook-stdin".into(),
-                tpm: TpmInfo {
-                    version: "2.0".into(),
-                    model: "tpm-crb".into(),
-                    state_type: "dir".into(),
-                    state_path: format!("/var/lib/libvirt/swtpm/{uuid}/tpm2"),
-                    encryption_secret: None,
-                    header_flags: 0,
-                },
-                nvram: None,
-                files,
-                live: false,
-                vm_state: None,
-            };
-            let mj = m.to_json();
-            fs::write(gd.join(manifest::MANIFEST), &mj).unwrap();
-            sums.push((manifest::MANIFEST.into(), manifest::sha256_hex(&mj)));
-            fs::write(gd.join(manifest::SUMS), manifest::sums_file(&sums)).unwrap();
+    fs::create_dir_all(vm).unwrap();
+    fs::write(vm.join(".lock"), b"").unwrap();
+    let xml = format!("<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid></domain>\n");
+    for g in 0..gens {
+        let gname = format!("{:08}-20261101T{:02}0000Z", g + 1, g);
+        let gd = vm.join(&gname);
+        fs::create_dir(&gd).unwrap();
+        let mut files = Vec::new();
+        let mut sums = Vec::new();
+        for (fname, role, bytes, sha) in [
+            (
+                "tpm2-00.permall",
+                "tpm",
+                permall.as_slice(),
+                permall_sha.clone(),
+            ),
+            (
+                "domain.xml",
+                "domain",
+                xml.as_bytes(),
+                manifest::sha256_hex(xml.as_bytes()),
+            ),
+            (
+                "domain-live.xml",
+                "domain-live",
+                xml.as_bytes(),
+                manifest::sha256_hex(xml.as_bytes()),
+            ),
+        ] {
+            fs::write(gd.join(fname), bytes).unwrap();
+            sums.push((fname.to_string(), sha.clone()));
+            files.push(FileEntry {
+                name: fname.into(),
+                role: role.into(),
+                source: None,
+                size: bytes.len() as u64,
+                mode: "0600".into(),
+                uid: 0,
+                gid: 0,
+                owner: None,
+                group: None,
+                sha256: sha,
+                identity: None,
+            });
         }
+        let m = Manifest {
+            format: manifest::FORMAT,
+            uuid: uuid.to_owned(),
+            name: name.to_owned(),
+            event: "stopped".into(),
+            sub_event: "end".into(),
+            reason: "-".into(),
+            time: "2026-11-01T00:00:00Z".into(),
+            time_unix: 1_793_491_200 + g as i64,
+            host: "bench".into(),
+            swtpm_keeper_version: "bench".into(),
+            persistent: false,
+            domain_xml_from: "hook-stdin".into(),
+            tpm: TpmInfo {
+                version: "2.0".into(),
+                model: "tpm-crb".into(),
+                state_type: "dir".into(),
+                state_path: format!("/var/lib/libvirt/swtpm/{uuid}/tpm2"),
+                encryption_secret: None,
+                header_flags: 0,
+            },
+            nvram: None,
+            files,
+            live: false,
+            vm_state: None,
+        };
+        let mj = m.to_json();
+        fs::write(gd.join(manifest::MANIFEST), &mj).unwrap();
+        sums.push((manifest::MANIFEST.into(), manifest::sha256_hex(&mj)));
+        fs::write(gd.join(manifest::SUMS), manifest::sums_file(&sums)).unwrap();
     }
 }

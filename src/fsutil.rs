@@ -12,6 +12,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
+use crate::failpoint;
 
 const MAX_SYMLINK_HOPS: usize = 40;
 /// How deep `Dir::remove_entry` descends. What a restore writes is one
@@ -328,14 +329,22 @@ pub fn write_new_synced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         .open(path)
         .ctx("create", path)?;
     f.write_all(data).ctx("write", path)?;
-    f.sync_all().ctx("fsync", path)?;
+    if !failpoint::skip_fsync() {
+        f.sync_all().ctx("fsync", path)?;
+    }
     Ok(())
 }
 
 /// fsync a directory, so that the entries created or renamed in it persist.
 pub fn fsync_dir(path: &Path) -> Result<()> {
     File::open(path)
-        .and_then(|d| d.sync_all())
+        .and_then(|d| {
+            if failpoint::skip_fsync() {
+                Ok(())
+            } else {
+                d.sync_all()
+            }
+        })
         .ctx("fsync directory", path)
 }
 
@@ -536,7 +545,9 @@ impl Dir {
         // Explicit, whatever the umask was.
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
             .ctx("chmod", &p)?;
-        f.sync_all().ctx("fsync", &p)?;
+        if !failpoint::skip_fsync() {
+            f.sync_all().ctx("fsync", &p)?;
+        }
         Ok(())
     }
 
@@ -656,6 +667,9 @@ impl Dir {
     }
 
     pub fn sync(&self) -> Result<()> {
+        if failpoint::skip_fsync() {
+            return Ok(());
+        }
         // SAFETY: valid fd.
         if unsafe { libc::fsync(self.fd.as_raw_fd()) } < 0 {
             return Err(Error::io(

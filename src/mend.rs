@@ -122,6 +122,15 @@ pub fn judge(loc: &StateLocation, version: TpmVersion, max: u64, budget: u64) ->
         Ok(()) => return left("libvirt's TPM state exists and passes swtpm's checks".into()),
         Err(why) => why,
     };
+    // A `<source type='file'>` may name any path: only a file that is
+    // swtpm's (empty, as a crash leaves it, or with its magic) is judged
+    // corrupt; anything else is some other file, never replaced.
+    if matches!(loc, StateLocation::File(_))
+        && !bytes.is_empty()
+        && !bytes.starts_with(&swtpm::LINEAR_MAGIC)
+    {
+        return left(format!("it is not a swtpm state file ({why})"));
+    }
     let exhibits = match loc {
         StateLocation::File(f) => vec![exhibit(
             swtpm::FILE_STATE_NAME,

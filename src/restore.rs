@@ -225,7 +225,16 @@ fn judge_state(
         Ok(Judged::Absent) => Ok(None),
         Ok(Judged::Corrupt(c)) => Ok(Some(c)),
         Ok(Judged::Present(why)) => Err(why),
+        // Not judged (a link planted on the way, say): anything at the
+        // path stays, and a lost state meets the restore's own checks.
         Err(e) => {
+            let at = match loc {
+                StateLocation::Dir(d) => d.join(swtpm::permall_name(tpm.version)),
+                StateLocation::File(f) => f.clone(),
+            };
+            if std::fs::symlink_metadata(&at).is_err() {
+                return Ok(None);
+            }
             log::warn!(
                 "vm={} uuid={}: cannot judge libvirt's TPM state: {e}; left as it is",
                 domain.name,

@@ -139,13 +139,16 @@ pub fn check_blob(bytes: &[u8], is_tpm2_permall: bool) -> Result<u16, String> {
     Ok(flags)
 }
 
-/// swtpm's linear file store (`<source type='file'>`): the magic
+/// The first bytes of every linear state file (`<source type='file'>`):
+/// "swtpmlin" as a little-endian u64.
+pub const LINEAR_MAGIC: [u8; 8] = 0x7377_7470_6d6c_696e_u64.to_le_bytes();
+
+/// swtpm's linear file store: the magic
 /// "swtpmlin", version 1, flags, header size, then up to 15 entries of
 /// (offset, data length, section length), all in host (little-endian)
 /// order. Each allocated entry must be a valid state blob; a file that
 /// `swtpm_setup` formatted but never filled holds none, and is refused.
 pub fn check_linear(bytes: &[u8]) -> Result<(), String> {
-    const MAGIC: u64 = 0x7377_7470_6d6c_696e; // "swtpmlin"
     const MAX_STATES: usize = 15;
     let u32_at = |o: usize| {
         u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
@@ -153,7 +156,7 @@ pub fn check_linear(bytes: &[u8]) -> Result<(), String> {
     if bytes.is_empty() {
         return Err("the file is empty".into());
     }
-    if bytes.len() < 12 || u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) != MAGIC {
+    if bytes.len() < 12 || bytes[..8] != LINEAR_MAGIC {
         return Err("not a swtpm linear state file (no 'swtpmlin' magic)".into());
     }
     if bytes[8] != 1 {

@@ -266,28 +266,10 @@ fn verify_passes_a_sound_store_and_names_every_damaged_generation() {
 
     std::fs::write(h.vm_store(A).join(G2).join("nvram.fd"), b"tampered").unwrap();
     std::fs::remove_file(h.vm_store(B).join(G1).join("domain.xml")).unwrap();
-    // A permall whose checksum was updated but whose header is broken.
-    let p = h.vm_store(C).join(G1);
+    // One check alone, each pinned by its own test below.
     let mut bad = fixture("tpm2-00.permall.plain");
     bad[9] ^= 1;
-    std::fs::write(p.join("tpm2-00.permall"), &bad).unwrap();
-    let sums = std::fs::read_to_string(p.join("SHA256SUMS")).unwrap();
-    use sha2::{Digest, Sha256};
-    let hex: String = Sha256::digest(&bad)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect();
-    let fixed: String = sums
-        .lines()
-        .map(|l| {
-            if l.ends_with("tpm2-00.permall") {
-                format!("{hex}  tpm2-00.permall\n")
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
-    std::fs::write(p.join("SHA256SUMS"), fixed).unwrap();
+    put_file_with_both_sums(&h.vm_store(C).join(G1), "tpm2-00.permall", &bad);
 
     let out = h.run(&["verify"], b"");
     assert_eq!(out.status.code(), Some(1));
@@ -300,7 +282,10 @@ fn verify_passes_a_sound_store_and_names_every_damaged_generation() {
         text.contains(&format!("BAD  {B} {G1}: domain.xml:")),
         "{text}"
     );
-    assert!(text.contains(&format!("BAD  {C} {G1}: ")), "{text}");
+    assert!(
+        text.contains(&format!("BAD  {C} {G1}: tpm2-00.permall: header says")),
+        "{text}"
+    );
     assert!(
         text.ends_with("3 generations verified, 3 bad, in 3 VMs\n"),
         "{text}"
@@ -309,6 +294,122 @@ fn verify_passes_a_sound_store_and_names_every_damaged_generation() {
     let out = h.run(&["verify", "win11"], b"");
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&h, &out).ends_with("2 generations verified, 1 bad, in 1 VMs\n"));
+}
+
+fn sha_hex(b: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// Set `name`'s line in `dir`/SHA256SUMS to `hex`.
+fn set_sum(dir: &Path, name: &str, hex: &str) {
+    let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    let mut found = false;
+    let fixed: String = sums
+        .lines()
+        .map(|l| {
+            if l.ends_with(&format!("  {name}")) {
+                found = true;
+                format!("{hex}  {name}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert!(found, "{name} is not in SHA256SUMS");
+    std::fs::write(dir.join("SHA256SUMS"), fixed).unwrap();
+}
+
+/// Set `name`'s sha256 in `dir`/manifest.json to `hex`, and manifest.json's
+/// own line in SHA256SUMS to the edited manifest's checksum.
+fn set_manifest_sum(dir: &Path, name: &str, hex: &str) {
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let entry = m["files"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("{name} is not in manifest.json"));
+    entry["sha256"] = serde_json::Value::from(hex);
+    let bytes = serde_json::to_vec_pretty(&m).unwrap();
+    std::fs::write(dir.join("manifest.json"), &bytes).unwrap();
+    set_sum(dir, "manifest.json", &sha_hex(&bytes));
+}
+
+/// Replace a generation's file with `bytes` and update both sums for it:
+/// the file's line in SHA256SUMS and its entry in manifest.json (and so
+/// manifest.json's line). Only a check of the content itself can tell.
+fn put_file_with_both_sums(dir: &Path, name: &str, bytes: &[u8]) {
+    std::fs::write(dir.join(name), bytes).unwrap();
+    let hex = sha_hex(bytes);
+    set_sum(dir, name, &hex);
+    set_manifest_sum(dir, name, &hex);
+}
+
+#[test]
+fn verify_names_a_broken_swtpm_header_even_when_both_sums_were_updated() {
+    let h = fixture_store("verifyheader");
+    let mut bad = fixture("tpm2-00.permall.plain");
+    bad[9] ^= 1; // the low byte of the header's total length
+    let dir = h.vm_store(C).join(G1);
+    put_file_with_both_sums(&dir, "tpm2-00.permall", &bad);
+    assert!(
+        sha256sum_check(&dir),
+        "SHA256SUMS must agree with the files"
+    );
+    let out = h.run(&["verify", C], b"");
+    let text = stdout(&h, &out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let want = format!(
+        "BAD  {C} {G1}: tpm2-00.permall: header says {} bytes but the file has {}",
+        bad.len() ^ 1,
+        bad.len()
+    );
+    assert!(text.contains(&want), "want {want:?} in {text}");
+}
+
+#[test]
+fn restore_never_puts_back_a_broken_swtpm_header_even_when_both_sums_were_updated() {
+    let h = fixture_store("restoreheader");
+    let mut bad = fixture("tpm2-00.permall.encrypted");
+    bad[9] ^= 1;
+    put_file_with_both_sums(&h.vm_store(A).join(G3), "tpm2-00.permall", &bad);
+    let out = h.run(&["restore", "win11"], b"");
+    assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("from generation {G2}")));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!(
+        "generation {G3} fails verification (tpm2-00.permall: header says"
+    )));
+    let restored = std::fs::read(h.state_dir(A).join("tpm2-00.permall")).unwrap();
+    assert_ne!(restored, bad, "the broken state was restored");
+    let out = h.run(&["restore", "win11", "--generation", G3, "--force"], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a broken header is never restored"
+    );
+}
+
+#[test]
+fn verify_names_a_manifest_that_disagrees_with_sha256sums() {
+    let h = fixture_store("verifycross");
+    let dir = h.vm_store(C).join(G1);
+    // The file and its SHA256SUMS line are intact; only the manifest's
+    // record of it differs (and manifest.json's own line is updated).
+    set_manifest_sum(&dir, "domain.xml", &sha_hex(b"another definition"));
+    assert!(
+        sha256sum_check(&dir),
+        "SHA256SUMS must agree with the files"
+    );
+    let out = h.run(&["verify", C], b"");
+    let text = stdout(&h, &out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let want = format!("BAD  {C} {G1}: domain.xml: manifest and SHA256SUMS disagree");
+    assert!(text.contains(&want), "want {want:?} in {text}");
 }
 
 #[test]
@@ -492,14 +593,20 @@ fn prune_keeps_each_vms_newest_good_generation_and_removes_it_only_by_name() {
 fn commands_wait_for_a_vm_lock_held_elsewhere_until_the_deadline() {
     let h = fixture_store("clilock"); // lock_timeout = 1.0
     let f = std::fs::File::open(h.vm_store(A).join(".lock")).unwrap();
-    f.lock().unwrap();
+    flock(&f, true);
     let t = Instant::now();
     let out = h.run(&["restore", "win11"], b"");
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("gave up after 1.0 s waiting for the lock")
     );
-    assert!(t.elapsed() < Duration::from_secs(10));
+    // It waited the whole deadline (lock_timeout = 1.0), and not forever.
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1),
+        "gave up early: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
     let out = h.run(&["list"], b"");
     assert_eq!(
         out.status.code(),
@@ -513,7 +620,7 @@ fn commands_wait_for_a_vm_lock_held_elsewhere_until_the_deadline() {
     drop(f);
     // Readers share: a held shared lock does not stop list.
     let f = std::fs::File::open(h.vm_store(A).join(".lock")).unwrap();
-    f.lock_shared().unwrap();
+    flock(&f, false);
     assert_eq!(h.run(&["list"], b"").status.code(), Some(0));
 }
 

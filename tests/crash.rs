@@ -100,6 +100,21 @@ fn a_crash_at_any_step_of_a_capture_leaves_the_old_or_the_new_state() {
             "{fp}: the newest generation is neither state"
         );
 
+        // The crash left what the next run must remove: a half-written
+        // generation, or a pruned one renamed to the trash.
+        let left = match fp {
+            "store-after-first-file" | "store-before-rename" => Some(".tmp-"),
+            "prune-after-rename" => Some(".trash-"),
+            _ => None,
+        };
+        if let Some(prefix) = left {
+            let found = leftovers(&h.vm_store(UUID_TRANS));
+            assert!(
+                found.iter().any(|n| n.starts_with(prefix)),
+                "{fp}: the crash left no {prefix}* entry: {found:?}"
+            );
+        }
+
         // The next run cleans up and ends with the new state, complete.
         assert_eq!(
             h.hook("tpmtrans", "stopped", "end", "-", &xml)

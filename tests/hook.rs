@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -199,6 +200,30 @@ fn release_after_stopped_adds_nothing_when_the_state_is_the_same() {
         release[0].contains("unchanged since generation"),
         "{logs:?}"
     );
+}
+
+#[test]
+fn a_new_generation_needs_a_changed_tpm_state_or_nvram_not_a_changed_definition() {
+    let h = Host::new("identity");
+    h.put_state(
+        UUID_EFI,
+        &[("tpm2-00.permall", &fixture("tpm2-00.permall.encrypted"))],
+    );
+    std::fs::write(h.nvram_path(), vec![1u8; 4096]).unwrap();
+    assert_ok(&h.hook("efitest", "stopped", "end", "-", &h.efi_xml()));
+    // Another definition (the live XML at release often differs): the
+    // TPM state and the NVRAM are what a generation is kept for.
+    let other = String::from_utf8(h.efi_xml()).unwrap().replacen(
+        "</name>",
+        "</name><description>changed</description>",
+        1,
+    );
+    assert_ok(&h.hook("efitest", "release", "end", "-", other.as_bytes()));
+    assert_eq!(h.generations(UUID_EFI).len(), 1, "{:?}", h.logs());
+    // The NVRAM alone changed: a new generation.
+    std::fs::write(h.nvram_path(), vec![2u8; 4096]).unwrap();
+    assert_ok(&h.hook("efitest", "stopped", "end", "-", &h.efi_xml()));
+    assert_eq!(h.generations(UUID_EFI).len(), 2, "{:?}", h.logs());
 }
 
 #[test]
@@ -440,7 +465,7 @@ fn a_held_store_lock_makes_the_hook_give_up_at_the_deadline() {
     let vm = h.vm_store(UUID_TRANS);
     std::fs::create_dir_all(&vm).unwrap();
     let f = std::fs::File::create(vm.join(".lock")).unwrap();
-    f.lock().unwrap();
+    flock(&f, true);
     let t = Instant::now();
     let out = h.stop_transient();
     let took = t.elapsed();
@@ -620,24 +645,42 @@ fn control_characters_in_names_are_escaped_in_the_log() {
 }
 
 #[test]
+#[ignore = "needs root (a mount namespace whose /dev/log is the test's socket)"]
 fn a_broken_configuration_is_logged_and_the_stop_still_succeeds() {
+    // SAFETY: no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "this test needs root: run it through tests/run-all");
     let h = Host::new("badconf");
     h.put_state(
         UUID_TRANS,
         &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
     );
     std::fs::write(&h.conf, "generations = \"lots\"\n").unwrap();
-    let out = h.stop_transient();
-    assert_eq!(out.status.code(), Some(0));
+    // The configured socket is unknown now: the line goes to syslog's
+    // default socket, which is this test's own.
+    let mut cmd = h.with_own_dev_log(
+        Path::new(bin()),
+        &["hook", "tpmtrans", "stopped", "end", "-"],
+    );
+    cmd.env("SWTPM_KEEPER_CONFIG", &h.conf);
+    let out = run_with(&mut cmd, &fixture("tpm2-transient.stopped.xml"));
+    assert_ok(&out);
+    assert!(out.stdout.is_empty(), "the hook wrote to stdout");
     let err = String::from_utf8_lossy(&out.stderr);
-    // The configured socket is unknown now: the line falls back to syslog's
-    // default socket or to stderr; when on stderr, it names file and key.
-    if !err.is_empty() {
-        assert!(
-            err.contains("generations") && err.contains(h.conf.to_str().unwrap()),
-            "{err}"
-        );
-    }
+    assert!(err.is_empty(), "the line did not go to syslog: {err}");
+    let logs = h.logs();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let line = &logs[0];
+    assert!(
+        line.starts_with("<27>swtpm-keeper["),
+        "not an error line: {line}"
+    );
+    assert!(
+        line.contains(h.conf.to_str().unwrap())
+            && line.contains("generations")
+            && line.contains("nothing done: fix the configuration"),
+        "the line must name the file, the key and what to do: {line}"
+    );
     assert!(!h.store.exists());
 }
 

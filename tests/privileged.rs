@@ -157,6 +157,15 @@ fn a_device_node_in_place_of_state_is_refused() {
     assert!(logs[0].contains("not a regular file"), "{logs:?}");
 }
 
+/// The system paths a session daemon's hook run must never look at.
+const SYSTEM_PATHS: [&str; 5] = [
+    "/etc/swtpm-keeper",
+    "/var/lib/swtpm-keeper",
+    "/etc/libvirt",
+    "/var/lib/libvirt",
+    "/run/libvirt",
+];
+
 #[test]
 #[ignore = "needs root (to become another user)"]
 fn a_session_libvirts_hook_run_never_fails_the_vm_and_touches_no_system_path() {
@@ -174,22 +183,34 @@ fn a_session_libvirts_hook_run_never_fails_the_vm_and_touches_no_system_path() {
         .status()
         .unwrap();
     assert!(cp.success());
-    let store = Path::new("/var/lib/swtpm-keeper");
-    let before = std::fs::symlink_metadata(store).ok().map(|m| {
-        (
-            std::os::unix::fs::MetadataExt::mtime(&m),
-            std::os::unix::fs::MetadataExt::ino(&m),
-        )
-    });
+    // nobody may send to the test's syslog socket (its /dev/log).
+    std::fs::set_permissions(
+        h.log_socket(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     for (op, sub) in [
         ("prepare", "begin"),
         ("stopped", "end"),
         ("release", "end"),
         ("migrate", "begin"),
     ] {
+        let trace = h.root.join(format!("trace-{op}"));
+        let trace_arg = trace.to_str().unwrap().to_owned();
+        let exe_arg = exe.to_str().unwrap().to_owned();
+        // Every path the run names (strace), as nobody with libvirt's
+        // environment, its syslog lines at this test's socket.
         let out = run_with(
-            Command::new("setpriv")
-                .args([
+            &mut h.with_own_dev_log(
+                Path::new("strace"),
+                &[
+                    "-f",
+                    "-qq",
+                    "-e",
+                    "trace=%file",
+                    "-o",
+                    &trace_arg,
+                    "setpriv",
                     "--reuid=65534",
                     "--regid=65534",
                     "--clear-groups",
@@ -198,9 +219,14 @@ fn a_session_libvirts_hook_run_never_fails_the_vm_and_touches_no_system_path() {
                     "PATH=/usr/bin:/bin",
                     "HOME=/nonexistent",
                     "LC_ALL=C",
-                ])
-                .arg(&exe)
-                .args(["hook", "tpmtrans", op, sub, "-"]),
+                    &exe_arg,
+                    "hook",
+                    "tpmtrans",
+                    op,
+                    sub,
+                    "-",
+                ],
+            ),
             &fixture("tpm2-transient.stopped.xml"),
         );
         assert_eq!(
@@ -210,12 +236,13 @@ fn a_session_libvirts_hook_run_never_fails_the_vm_and_touches_no_system_path() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{op}");
+        let logs = h.logs();
+        assert!(logs.is_empty(), "{op}: a session run logged: {logs:?}");
+        let text = std::fs::read_to_string(&trace).unwrap();
+        assert!(text.contains(&exe_arg), "{op}: the trace misses the run");
+        for p in SYSTEM_PATHS {
+            let seen: Vec<&str> = text.lines().filter(|l| l.contains(p)).collect();
+            assert!(seen.is_empty(), "{op}: looked at {p}: {seen:?}");
+        }
     }
-    let after = std::fs::symlink_metadata(store).ok().map(|m| {
-        (
-            std::os::unix::fs::MetadataExt::mtime(&m),
-            std::os::unix::fs::MetadataExt::ino(&m),
-        )
-    });
-    assert_eq!(before, after, "the system store was touched");
 }

@@ -466,3 +466,111 @@ fn auto_selected_efi_gets_its_nvram_back_though_prepare_xml_names_none() {
         h.nvram_path().display()
     );
 }
+
+/// swtpm's linear file (`<source type='file'>`) holding `blob` as its
+/// permanent state: the "swtpmlin" header, 15 entries, the blob.
+fn linear_file(blob: &[u8]) -> Vec<u8> {
+    let hdrsize = 12 + 15 * 12;
+    let mut v = vec![0u8; hdrsize];
+    v[..8].copy_from_slice(&0x7377_7470_6d6c_696e_u64.to_le_bytes());
+    v[8] = 1;
+    v[10..12].copy_from_slice(&(hdrsize as u16).to_le_bytes());
+    v[12..16].copy_from_slice(&(hdrsize as u32).to_le_bytes());
+    v[16..20].copy_from_slice(&(blob.len() as u32).to_le_bytes());
+    v[20..24].copy_from_slice(&(blob.len() as u32).to_le_bytes());
+    v.extend_from_slice(blob);
+    v
+}
+
+/// The EFI VM with its TPM state in one file at `path`.
+fn efi_xml_with_state_file(h: &Host, path: &std::path::Path) -> Vec<u8> {
+    let x = String::from_utf8(h.efi_xml()).unwrap();
+    let backend = "<backend type='emulator' version='2.0'>";
+    assert!(x.contains(backend));
+    x.replace(
+        backend,
+        &format!("{backend}<source type='file' path='{}'/>", path.display()),
+    )
+    .into_bytes()
+}
+
+/// An EFI VM whose state is a file, stopped once: (xml, state file, its
+/// bytes, NVRAM bytes).
+fn captured_efi_file(h: &Host) -> (Vec<u8>, std::path::PathBuf, Vec<u8>, Vec<u8>) {
+    let dir = h.root.join("tpm-files");
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("efitest.tpm");
+    let state = linear_file(&fixture("tpm2-00.permall.encrypted"));
+    std::fs::write(&file, &state).unwrap();
+    let nvram: Vec<u8> = (0..64 * 1024).map(|i| (i % 241) as u8).collect();
+    std::fs::write(h.nvram_path(), &nvram).unwrap();
+    let xml = efi_xml_with_state_file(h, &file);
+    assert_ok(&h.hook("efitest", "stopped", "end", "-", &xml));
+    (xml, file, state, nvram)
+}
+
+#[test]
+fn a_source_file_state_is_captured_and_comes_back_byte_for_byte() {
+    let h = host("statefile", "");
+    let (xml, file, state, nvram) = captured_efi_file(&h);
+    let gens = h.generations(UUID_EFI);
+    assert_eq!(gens.len(), 1, "{:?}", h.logs());
+    let g = h.vm_store(UUID_EFI).join(&gens[0]);
+    assert_eq!(
+        std::fs::read(g.join("tpm-state.file")).unwrap(),
+        state,
+        "the stored copy differs"
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(g.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["tpm"]["state_type"], "file");
+    assert_eq!(m["tpm"]["state_path"], file.to_str().unwrap());
+
+    std::fs::remove_file(&file).unwrap();
+    std::fs::remove_file(h.nvram_path()).unwrap();
+    let out = prepare(&h, &xml);
+    assert_ok(&out);
+    assert_eq!(std::fs::read(&file).unwrap(), state);
+    assert_eq!(std::fs::read(h.nvram_path()).unwrap(), nvram);
+    let (swtpm_uid, swtpm_gid, _, _) = ids();
+    let md = std::fs::metadata(&file).unwrap();
+    assert_eq!((md.uid(), md.gid()), (swtpm_uid, swtpm_gid));
+    assert!(
+        !h.swtpm.join(UUID_EFI).exists(),
+        "a file state also wrote libvirt's default directory"
+    );
+    let left: Vec<String> = std::fs::read_dir(file.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, ["efitest.tpm"], "temporaries were left");
+}
+
+#[test]
+fn a_dir_state_is_never_restored_as_a_file_state_nor_the_reverse() {
+    // A directory state where the domain now keeps a file.
+    let h = host("dirasfile", "");
+    captured_efi(&h);
+    lose_everything(&h);
+    let dir = h.root.join("tpm-files");
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("efitest.tpm");
+    assert_refused(
+        &h,
+        &efi_xml_with_state_file(&h, &file),
+        "holds a 'dir' state but the domain keeps a 'file' state",
+    );
+    assert!(!file.exists(), "wrote the file while refusing");
+
+    // A file state where the domain now keeps libvirt's default directory.
+    let h = host("fileasdir", "");
+    let (_, file, _, _) = captured_efi_file(&h);
+    std::fs::remove_file(&file).unwrap();
+    std::fs::remove_file(h.nvram_path()).unwrap();
+    assert_refused(
+        &h,
+        &h.efi_xml(),
+        "holds a 'file' state but the domain keeps a 'dir' state",
+    );
+    assert!(!file.exists(), "wrote the file while refusing");
+}

@@ -164,6 +164,29 @@ impl Host {
         v
     }
 
+    /// The socket this host's syslog lines arrive at.
+    pub fn log_socket(&self) -> PathBuf {
+        self.root.join("log.sock")
+    }
+
+    /// `program args` in a mount namespace of its own (root only) whose
+    /// `/dev` is a fresh tmpfs holding `null` and a `log` that is this
+    /// host's socket: what the program sends to syslog's default socket,
+    /// before or without a configuration, arrives where `logs` reads,
+    /// whether or not the machine has a `/dev/log`.
+    pub fn with_own_dev_log(&self, program: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(
+                "mount -t tmpfs -o mode=0755 swk-dev /dev && mknod -m 0666 /dev/null c 1 3 \
+                 && ln -s \"$0\" /dev/log && exec \"$@\"",
+            )
+            .arg(self.log_socket())
+            .arg(program)
+            .args(args);
+        c
+    }
+
     /// Every line logged since the last call.
     pub fn logs(&self) -> Vec<String> {
         let mut v = Vec::new();
@@ -363,4 +386,18 @@ impl Drop for FcntlHolder {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Take a flock (as the program's VM locks are) on `f`, waiting for it.
+/// libc's, not `File::lock`: that is newer than the minimum Rust.
+#[allow(dead_code)]
+pub fn flock(f: &std::fs::File, exclusive: bool) {
+    use std::os::fd::AsRawFd;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: a valid fd.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), op) }, 0, "flock");
 }

@@ -3,8 +3,9 @@
 # libvirt, qemu, swtpm, rsyslog. Works with or without systemd.
 set -euo pipefail
 # build-essential: rustc links with cc, and cargo-fuzz builds libFuzzer (C++).
-# acl: setfacl, for the test that an ACL granting write is not trusted.
-pkgs=(libvirt-daemon-system libvirt-clients qemu-system-x86 swtpm swtpm-tools rsyslog ovmf tpm2-tools
+# acl: setfacl, for the test that an ACL granting write is not trusted;
+# strace: the durability test checks the system calls.
+pkgs=(libvirt-daemon-system libvirt-clients qemu-system-x86 swtpm swtpm-tools rsyslog ovmf tpm2-tools strace
     git make build-essential curl ca-certificates acl)
 need=()
 for p in "${pkgs[@]}"; do
