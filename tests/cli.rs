@@ -490,7 +490,7 @@ fn prune_keeps_the_last_generation_of_a_defined_vm_unless_named() {
 fn commands_wait_for_a_vm_lock_held_elsewhere_until_the_deadline() {
     let h = fixture_store("clilock"); // lock_timeout = 1.0
     let f = std::fs::File::open(h.vm_store(A).join(".lock")).unwrap();
-    f.lock().unwrap();
+    assert!(swtpm_keeper::lock::try_flock(&f, true).unwrap());
     let t = Instant::now();
     let out = h.run(&["restore", "win11"], b"");
     assert_eq!(out.status.code(), Some(1));
