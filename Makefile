@@ -35,7 +35,7 @@ MAINHOOK = $(SYSCONFDIR)/libvirt/hooks/qemu
 CONFDIR  = $(SYSCONFDIR)/swtpm-keeper
 STOREDIR = $(LOCALSTATEDIR)/lib/swtpm-keeper
 
-.PHONY: all build install uninstall test lint check clean deb rpm dist mutants
+.PHONY: all build install uninstall test lint check clean deb distro-deb rpm dist mutants
 
 all: build
 
@@ -113,23 +113,34 @@ mutants:
 	$(CARGO) mutants -j $(MUTANTS_JOBS) $(addprefix --file ,$(MUTANTS_FILES)) \
 	    $(if $(MUTANTS_TEST_ARGS),-- $(MUTANTS_TEST_ARGS))
 
-# The source tree as released: what git tracks.
+# The release tarball distributions build from: what git tracks at HEAD,
+# the crates in vendor/ and the .cargo/config.toml that uses them (builds
+# with --offline). Reproducible: the same commit gives the same sha256.
 dist:
-	mkdir -p build
-	git archive --format=tar.gz --prefix=swtpm-keeper-$(VERSION)/ -o build/swtpm-keeper-$(VERSION).tar.gz HEAD
-	@echo build/swtpm-keeper-$(VERSION).tar.gz
+	CARGO=$(CARGO) packaging/dist.sh build/swtpm-keeper-$(VERSION).tar.gz
 
-# A .deb for Debian 12 and later, from packaging/debian (dpkg-buildpackage,
-# debhelper). The compiled crates are shared with this tree's target/.
+# A .deb for Debian 12 and later, from packaging/debian, built offline from
+# the dist tarball. With the cargo on PATH (e.g. rustup's): -d skips the
+# Build-Depends check, which tests/distro-build.sh makes in a clean Debian
+# chroot with Debian's own Rust. The compiled crates are shared with this
+# tree's target/.
 deb: dist
 	rm -rf build/deb && mkdir -p build/deb
+	cp build/swtpm-keeper-$(VERSION).tar.gz build/deb/swtpm-keeper_$(VERSION).orig.tar.gz
 	tar -xzf build/swtpm-keeper-$(VERSION).tar.gz -C build/deb
 	cp -a packaging/debian build/deb/swtpm-keeper-$(VERSION)/debian
 	cd build/deb/swtpm-keeper-$(VERSION) && \
-	    CARGO_TARGET_DIR=$(abspath $(CARGO_TARGET_DIR)) dpkg-buildpackage -b -us -uc
+	    CARGO_TARGET_DIR=$(abspath $(CARGO_TARGET_DIR)) dpkg-buildpackage -b -d -us -uc
 	@ls build/deb/*.deb
 
-# An .rpm from packaging/rpm/swtpm-keeper.spec (rpmbuild; Fedora/RHEL).
+# The .deb as Debian builds it: a clean Debian 12 chroot with Debian's
+# rustc-web/cargo-web 1.85, no network; the .deb lands in build/distro/.
+distro-deb:
+	tests/distro-build.sh
+
+# An .rpm from packaging/rpm/swtpm-keeper.spec (rpmbuild; Fedora/RHEL),
+# offline from the dist tarball. --nodeps: here cargo is rustup's, not an
+# rpm (the spec's BuildRequires name Fedora's and RHEL's cargo and rust).
 rpm: dist
 	rm -rf build/rpm && mkdir -p build/rpm/SOURCES
 	cp build/swtpm-keeper-$(VERSION).tar.gz build/rpm/SOURCES/

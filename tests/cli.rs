@@ -593,7 +593,7 @@ fn prune_keeps_each_vms_newest_good_generation_and_removes_it_only_by_name() {
 fn commands_wait_for_a_vm_lock_held_elsewhere_until_the_deadline() {
     let h = fixture_store("clilock"); // lock_timeout = 1.0
     let f = std::fs::File::open(h.vm_store(A).join(".lock")).unwrap();
-    flock(&f, true);
+    assert!(swtpm_keeper::lock::try_flock(&f, true).unwrap());
     let t = Instant::now();
     let out = h.run(&["restore", "win11"], b"");
     assert_eq!(out.status.code(), Some(1));
@@ -620,7 +620,7 @@ fn commands_wait_for_a_vm_lock_held_elsewhere_until_the_deadline() {
     drop(f);
     // Readers share: a held shared lock does not stop list.
     let f = std::fs::File::open(h.vm_store(A).join(".lock")).unwrap();
-    flock(&f, false);
+    assert!(swtpm_keeper::lock::try_flock(&f, false).unwrap());
     assert_eq!(h.run(&["list"], b"").status.code(), Some(0));
 }
 

@@ -344,7 +344,7 @@ fn state_files_replaced_during_the_copy_give_a_consistent_generation_or_a_refusa
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut b = base.clone();
                 b[100] = i as u8;
-                if i.is_multiple_of(2) {
+                if i % 2 == 0 {
                     // as swtpm does: a new file renamed over the old one
                     std::fs::write(d.join("TMP2-00.permall"), &b).unwrap();
                     std::fs::rename(d.join("TMP2-00.permall"), d.join("tpm2-00.permall")).unwrap();

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install a Rust toolchain for the tests when the host has none new enough
-# (Debian 12's rustc is 1.63; swtpm-keeper needs 1.89): rustup-init from
+# (Debian 12's rustc is 1.63; swtpm-keeper needs 1.85): rustup-init from
 # static.rust-lang.org, checked against its published SHA-256, minimal
 # profile, into $CARGO_HOME/$RUSTUP_HOME (default ~/.cargo, ~/.rustup).
 # PATH is not changed; the caller adds ${CARGO_HOME:-~/.cargo}/bin.
@@ -10,7 +10,7 @@ url=https://static.rust-lang.org/rustup/dist/x86_64-unknown-linux-gnu/rustup-ini
 case "$(uname -m)" in
     x86_64) ;;
     aarch64) url=${url/x86_64-unknown-linux-gnu/aarch64-unknown-linux-gnu} ;;
-    *) echo "install-rust: no rustup-init for $(uname -m) here; install Rust 1.89+ yourself" >&2; exit 1 ;;
+    *) echo "install-rust: no rustup-init for $(uname -m) here; install Rust 1.85+ yourself" >&2; exit 1 ;;
 esac
 command -v curl >/dev/null || { "$(dirname "$0")/e2e/apt.sh" update && "$(dirname "$0")/e2e/apt.sh" install --no-install-recommends curl ca-certificates; }
 tmp=$(mktemp -d)

@@ -124,7 +124,7 @@ fn a_run_that_cannot_get_the_lock_in_time_says_so_and_exits_0() {
     );
     std::fs::create_dir_all(h.vm_store(UUID_TRANS)).unwrap();
     let f = std::fs::File::create(h.vm_store(UUID_TRANS).join(".lock")).unwrap();
-    flock(&f, true);
+    assert!(swtpm_keeper::lock::try_flock(&f, true).unwrap());
     let xml = fixture("tpm2-transient.stopped.xml");
     let t = Instant::now();
     let children: Vec<Child> = (0..8)
@@ -186,7 +186,7 @@ fn two_hundred_vms_stopping_at_once_never_wait_on_each_other() {
     // One VM's lock is held all along: nobody else may notice.
     std::fs::create_dir_all(h.vm_store(&uuids[0])).unwrap();
     let held = std::fs::File::create(h.vm_store(&uuids[0]).join(".lock")).unwrap();
-    flock(&held, true);
+    assert!(swtpm_keeper::lock::try_flock(&held, true).unwrap());
 
     let t = Instant::now();
     let mut running = Vec::new();

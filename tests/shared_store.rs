@@ -60,11 +60,7 @@ impl Drop for Reaped {
 fn hold_flock(path: &Path) -> std::fs::File {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let f = std::fs::File::create(path).unwrap();
-    // SAFETY: a valid fd.
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) },
-        0
-    );
+    assert!(swtpm_keeper::lock::try_flock(&f, true).unwrap());
     f
 }
 

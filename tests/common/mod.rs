@@ -387,17 +387,3 @@ impl Drop for FcntlHolder {
         let _ = self.0.wait();
     }
 }
-
-/// Take a flock (as the program's VM locks are) on `f`, waiting for it.
-/// libc's, not `File::lock`: that is newer than the minimum Rust.
-#[allow(dead_code)]
-pub fn flock(f: &std::fs::File, exclusive: bool) {
-    use std::os::fd::AsRawFd;
-    let op = if exclusive {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
-    };
-    // SAFETY: a valid fd.
-    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), op) }, 0, "flock");
-}
