@@ -104,7 +104,7 @@ check:
 # restored. Each mutant is built and tested alone: hours on 2 cores, so not
 # part of `check` (figures in docs/reliability.md). Narrow it with e.g.
 # `make mutants MUTANTS_FILES=src/swtpm.rs MUTANTS_TEST_ARGS="--lib --test cli"`.
-MUTANTS_FILES ?= src/store.rs src/restore.rs src/manifest.rs src/swtpm.rs \
+MUTANTS_FILES ?= src/store.rs src/putback.rs src/manifest.rs src/swtpm.rs \
                  src/lock.rs src/fsutil.rs src/capture.rs
 MUTANTS_JOBS  ?= 1
 MUTANTS_TEST_ARGS ?=

@@ -12,7 +12,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, FileData, Identity};
 use crate::live::{self, FileRead, Reading, Seen};
 use crate::manifest::{self, FileEntry, Manifest, NvramInfo, TpmInfo};
-use crate::restore;
+use crate::marks;
 use crate::running::RunningVm;
 use crate::store::{Known, Store, VmStore};
 use crate::swtpm::{self, StateLocation};
@@ -191,7 +191,7 @@ fn read_state_dir(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io("open", &path, e)),
         };
-        let check = |b: &[u8]| swtpm::check_blob(b, is_permall && version == TpmVersion::V2_0);
+        let check = |b: &[u8]| swtpm::check_file(version, &name, b);
         // A volatile state that went away meanwhile is simply not there.
         let Some((data, f_flags)) = read_counted(reading, &r, open, check, budget)? else {
             continue;
@@ -238,8 +238,8 @@ fn state_names(
 
 /// Never copy a live state: wait briefly for swtpm to drop its fcntl lock.
 fn wait_for_swtpm_exit(dir: &std::fs::File, dir_path: &Path) -> Result<()> {
-    let lock_path = dir_path.join(".lock");
-    let f = match fsutil::open_in_dir(dir, OsStr::new(".lock")) {
+    let lock_path = dir_path.join(swtpm::LOCK_FILE);
+    let f = match fsutil::open_in_dir(dir, OsStr::new(swtpm::LOCK_FILE)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io("open", &lock_path, e)),
@@ -668,7 +668,7 @@ fn store_unless_unchanged(
     let migrated = event.extra == "migrated";
     if let Some(newest) = unchanged_since(cfg, vm, domain, m, &files)? {
         if migrated {
-            restore::note_migrated_away(vm, &newest)?;
+            marks::note_migrated_away(vm, &newest)?;
         }
         return Ok(Outcome::Unchanged {
             path: vm.dir().join(&newest),
@@ -682,7 +682,7 @@ fn store_unless_unchanged(
         files.into_iter().map(|c| (c.name, c.data.bytes)).collect();
     let (generation, removed) = vm.add_generation(&payload, m, cfg.generations as usize)?;
     if migrated {
-        restore::note_migrated_away(vm, &generation)?;
+        marks::note_migrated_away(vm, &generation)?;
     }
     Ok(Outcome::Stored {
         path: vm.dir().join(&generation),

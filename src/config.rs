@@ -37,7 +37,7 @@ impl LogLevel {
 /// Whether the hook puts a lost TPM state back at `prepare`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Restore {
+pub enum RestoreAtPrepare {
     Auto,
     Off,
 }
@@ -82,7 +82,7 @@ pub struct Config {
     /// Where the install's reload of libvirt is recorded (`reloaded`), so
     /// that `check` can tell the running daemon uses a newer hook.
     pub run_dir: PathBuf,
-    pub restore: Restore,
+    pub restore: RestoreAtPrepare,
     pub on_refusal: OnRefusal,
     /// Seconds between the capture timer's passes (its OnUnitActiveSec=):
     /// `check` warns about a running VM whose newest capture is older
@@ -106,7 +106,7 @@ impl Default for Config {
             libvirt_run_dir: "/run/libvirt/qemu".into(),
             libvirt_hooks_dir: "/etc/libvirt/hooks".into(),
             run_dir: "/run/swtpm-keeper".into(),
-            restore: Restore::Auto,
+            restore: RestoreAtPrepare::Auto,
             on_refusal: OnRefusal::Abort,
             capture_interval: 300,
         }

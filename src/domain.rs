@@ -35,14 +35,6 @@ impl TpmVersion {
         }
     }
 
-    /// swtpm's file name prefix for this version: `tpm2-00.permall`.
-    pub fn file_prefix(self) -> &'static str {
-        match self {
-            TpmVersion::V1_2 => "tpm-00.",
-            TpmVersion::V2_0 => "tpm2-00.",
-        }
-    }
-
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "1.2" => Some(TpmVersion::V1_2),

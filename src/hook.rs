@@ -17,7 +17,8 @@ use crate::capture::{self, Event, Outcome};
 use crate::config::{self, Config, OnRefusal};
 use crate::domain::{Domain, Tpm, MAX_XML_BYTES};
 use crate::logging;
-use crate::restore::{self, NvramOutcome, Outcome as RestoreOutcome};
+use crate::marks;
+use crate::putback::{self, NvramOutcome, Outcome as PutBackOutcome};
 
 /// libvirt's arguments after the program name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +67,7 @@ pub enum Action {
     /// `stopped end`, `release end`: keep the state.
     Capture,
     /// `prepare begin`: put a lost state back before swtpm starts.
-    Restore,
+    PutBack,
     /// `migrate begin`, `restore begin`: the state arrives in the stream;
     /// remember not to restore an old copy at the `prepare` that follows.
     NoteIncoming,
@@ -77,7 +78,7 @@ pub enum Action {
 pub fn action(op: &str, sub_op: &str) -> Action {
     match (op, sub_op) {
         ("stopped", "end") | ("release", "end") => Action::Capture,
-        ("prepare", "begin") => Action::Restore,
+        ("prepare", "begin") => Action::PutBack,
         ("migrate", "begin") | ("restore", "begin") => Action::NoteIncoming,
         _ => Action::Ignore,
     }
@@ -96,7 +97,7 @@ pub fn run(args: &HookArgs, stdin: &mut dyn Read) -> i32 {
         // Never fail a stop: libvirt ignores it, and nothing would improve.
         Action::Capture => job.capture(),
         Action::NoteIncoming => job.note_incoming(),
-        Action::Restore => return job.restore(),
+        Action::PutBack => return job.put_back(),
         Action::Ignore => {}
     }
     0
@@ -277,7 +278,7 @@ impl<'a> Job<'a> {
     /// A stop with reason `migrated` that stored nothing: the copies kept
     /// here are stale all the same.
     fn mark_migrated_away(&self) {
-        match restore::mark_migrated_away(&self.cfg, &self.domain) {
+        match marks::mark_migrated_away(&self.cfg, &self.domain) {
             Ok(Some(generation)) => log::info!(
                 "{}: generation {generation} marked as migrated away: it will not be restored on this host",
                 self.who
@@ -293,7 +294,7 @@ impl<'a> Job<'a> {
     /// A stop ends any incoming migration or restore noted on this host,
     /// whether or not its `prepare` ran.
     fn clear_incoming(&self) {
-        match restore::clear_incoming(&self.cfg, &self.domain) {
+        match marks::clear_incoming(&self.cfg, &self.domain) {
             Ok(true) => log::info!(
                 "{}: cleared this host's incoming mark: the incoming migration or restore ended; the next start restores as usual",
                 self.who
@@ -302,13 +303,13 @@ impl<'a> Job<'a> {
             Err(e) => log::warn!(
                 "{}: could not clear this host's incoming mark: {e}; a start within {} s may not restore",
                 self.who,
-                restore::INCOMING_WINDOW_SECS
+                marks::INCOMING_WINDOW_SECS
             ),
         }
     }
 
     fn note_incoming(&self) {
-        match restore::note_incoming(&self.cfg, &self.domain, &self.args.op) {
+        match marks::note_incoming(&self.cfg, &self.domain, &self.args.op) {
             Ok(true) => log::info!(
                 "{}: incoming TPM state (it arrives in the {} stream); the prepare that follows will not restore",
                 self.who,
@@ -326,10 +327,10 @@ impl<'a> Job<'a> {
     }
 
     /// Exit code: 1 aborts the start (libvirt shows our stderr).
-    fn restore(&self) -> i32 {
+    fn put_back(&self) -> i32 {
         let who = &self.who;
-        match restore::at_prepare(&self.cfg, &self.domain, &self.tpm) {
-            Ok(RestoreOutcome::Restored {
+        match putback::at_prepare(&self.cfg, &self.domain, &self.tpm) {
+            Ok(PutBackOutcome::Restored {
                 generation,
                 manifest: m,
                 path,
@@ -368,13 +369,13 @@ impl<'a> Job<'a> {
                 }
                 0
             }
-            Ok(RestoreOutcome::Incoming { event, age_secs }) => {
+            Ok(PutBackOutcome::Incoming { event, age_secs }) => {
                 log::info!(
                     "{who}: not restoring: the TPM state arrives with the incoming {event} (noted {age_secs} s ago)"
                 );
                 0
             }
-            Ok(RestoreOutcome::Nothing(why)) => {
+            Ok(PutBackOutcome::Nothing(why)) => {
                 log::debug!("{who}: nothing to restore: {why}");
                 0
             }
@@ -446,7 +447,7 @@ mod tests {
     fn dispatch_rules() {
         assert_eq!(action("stopped", "end"), Action::Capture);
         assert_eq!(action("release", "end"), Action::Capture);
-        assert_eq!(action("prepare", "begin"), Action::Restore);
+        assert_eq!(action("prepare", "begin"), Action::PutBack);
         assert_eq!(action("migrate", "begin"), Action::NoteIncoming);
         assert_eq!(action("restore", "begin"), Action::NoteIncoming);
         for (op, sub) in [

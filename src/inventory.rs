@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::domain::{self, Domain};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
-use crate::restore::{MigratedMarker, MIGRATED_MARKER};
+use crate::marks;
 use crate::store::{Store, VmStore};
 
 /// The schema version of every `--json` output.
@@ -132,11 +132,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// The generation named in `migrated-away.json`, if it is the newest
 /// or newer: the VM's TPM lives on elsewhere.
 pub fn migrated_away(vm: &VmStore, newest: Option<&str>) -> Option<String> {
-    let m: MigratedMarker = serde_json::from_slice(&vm.read_marker(MIGRATED_MARKER)?).ok()?;
-    match newest {
-        Some(n) if m.generation.as_str() >= n => Some(m.generation),
-        _ => None,
-    }
+    marks::migrated_away(vm, newest?)
 }
 
 pub fn summary(cfg: &Config, vm: &VmStore, uuid: &str) -> Result<VmSummary> {
@@ -161,8 +157,7 @@ pub fn summary(cfg: &Config, vm: &VmStore, uuid: &str) -> Result<VmSummary> {
             .is_some_and(|(_, m)| m.files.iter().any(|f| f.role == "nvram")),
         migrated_away: migrated,
         evidence: vm.evidence()?.len(),
-        protected: vm
-            .protections()
+        protected: marks::protections(vm)
             .is_ok_and(|p| p.iter().any(|p| gens.contains(&p.generation))),
         newest: newest.map(|(g, m)| Newest {
             generation: g,

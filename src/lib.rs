@@ -17,9 +17,10 @@ pub mod live; // reading a running VM's files consistently
 pub mod lock; // the per-VM lock
 pub mod logging; // syslog through the `log` facade
 pub mod manifest; // manifest.json and SHA256SUMS
+pub mod marks; // the incoming, migrated-away and protected marks beside a VM's generations
 pub mod mend; // judging libvirt's state at prepare: absent, good or corrupt
+pub mod putback; // putting a state back where libvirt looks for it
 pub mod qemuconf; // owners of restored files, from qemu.conf
-pub mod restore; // putting a state back at prepare
 pub mod running; // running VMs, from libvirt's status files
 pub mod store; // generations on disk
 pub mod swtpm; // swtpm's files: names, headers, liveness

@@ -2,7 +2,7 @@
 //! swtpm cannot use it (0 bytes or cut short after a host crash, swtpm
 //! issue 985; or failing its header rules), so `virsh start` would fail
 //! with "CMD_INIT: 0x101". Judged here with swtpm's own rules
-//! (`swtpm::check_blob`, `check_linear`); `restore::at_prepare` keeps it
+//! (`swtpm::check_file`, `check_linear`); `putback::at_prepare` keeps it
 //! as evidence and puts the newest good generation in its place. A state
 //! that passes the checks, or that cannot be judged, is never touched.
 
@@ -34,14 +34,15 @@ pub struct Corrupt {
 /// Which of swtpm's rules a file must pass.
 #[derive(Clone, Copy)]
 pub enum Rule {
-    Blob { tpm2_permall: bool },
+    /// A blob in a state directory, judged by its name (`swtpm::check_file`).
+    Blob(TpmVersion),
     Linear,
 }
 
 impl Rule {
-    fn check(self, bytes: &[u8]) -> std::result::Result<(), String> {
+    fn check(self, name: &str, bytes: &[u8]) -> std::result::Result<(), String> {
         match self {
-            Rule::Blob { tpm2_permall } => swtpm::check_blob(bytes, tpm2_permall).map(|_| ()),
+            Rule::Blob(version) => swtpm::check_file(version, name, bytes).map(|_| ()),
             Rule::Linear => swtpm::check_linear(bytes),
         }
     }
@@ -50,9 +51,7 @@ impl Rule {
     pub fn for_state(loc: &StateLocation, version: TpmVersion) -> Rule {
         match loc {
             StateLocation::File(_) => Rule::Linear,
-            StateLocation::Dir(_) => Rule::Blob {
-                tpm2_permall: version == TpmVersion::V2_0,
-            },
+            StateLocation::Dir(_) => Rule::Blob(version),
         }
     }
 }
@@ -75,7 +74,7 @@ pub fn recheck(dir: &Dir, name: &str, rule: Rule, max: u64) -> std::result::Resu
         Err(e) => return Err(e.to_string()),
     }
     let bytes = read(dir, name, max).map_err(|e| format!("cannot be judged ({e})"))?;
-    match rule.check(&bytes) {
+    match rule.check(name, &bytes) {
         Ok(()) => Err("passes swtpm's checks".into()),
         Err(_) => Ok(()),
     }
@@ -118,7 +117,7 @@ pub fn judge(loc: &StateLocation, version: TpmVersion, max: u64, budget: u64) ->
             ))
         }
     };
-    let why = match Rule::for_state(loc, version).check(&bytes) {
+    let why = match Rule::for_state(loc, version).check(&name, &bytes) {
         Ok(()) => return left("libvirt's TPM state exists and passes swtpm's checks".into()),
         Err(why) => why,
     };
@@ -173,13 +172,13 @@ impl Corrupt {
 
 /// A running swtpm's pid, from its fcntl lock on `.lock`.
 fn swtpm_holds(dir: &Dir) -> Result<Option<i32>> {
-    let f = match dir.open_file(".lock") {
+    let f = match dir.open_file(swtpm::LOCK_FILE) {
         Ok(f) => f,
         Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => return Ok(None),
         Err(e) => return Err(e),
     };
     swtpm::fcntl_lock_holder(&f)
-        .map_err(|e| crate::error::Error::io("query lock", &dir.path().join(".lock"), e))
+        .map_err(|e| crate::error::Error::io("query lock", &dir.path().join(swtpm::LOCK_FILE), e))
 }
 
 /// Every swtpm state file in the directory, the deciding one (`first`,
@@ -204,11 +203,10 @@ fn collect_dir(
             Some((_, b)) => Ok(b),
             None => read(dir, &n, max).map_err(|e| e.to_string()),
         };
-        let tpm2_permall = version == TpmVersion::V2_0 && n == swtpm::permall_name(version);
         let corrupt = bytes
             .as_ref()
             .ok()
-            .and_then(|b| Rule::Blob { tpm2_permall }.check(b).err());
+            .and_then(|b| Rule::Blob(version).check(&n, b).err());
         let x = exhibit(&n, &dir.path().join(&n), bytes, corrupt, budget);
         budget -= x.bytes.as_ref().map_or(0, |b| b.len() as u64);
         out.push(x);

@@ -10,9 +10,7 @@
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint;
@@ -27,26 +25,6 @@ const LOCK_NAME: &str = ".lock";
 /// Tries to place a generation when its number turns out to be taken (only
 /// when the VM's lock failed across hosts; see `place`).
 const PLACE_TRIES: u64 = 5;
-
-/// The generations that refused restores left behind (the VM started with
-/// a new TPM, `on_refusal = "continue"`): retention never removes them;
-/// only `swtpm-keeper prune --vm VM --generation G` does.
-pub const PROTECTED_MARKER: &str = "protected.json";
-
-/// One protected generation, and the refusal that protected it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Protection {
-    pub generation: String,
-    /// When and where the restore was refused (RFC 3339 UTC), and why.
-    pub time: String,
-    pub host: String,
-    pub why: String,
-}
-
-#[derive(Default, Serialize, Deserialize)]
-struct ProtectedFile {
-    protected: Vec<Protection>,
-}
 
 pub struct Store {
     root: PathBuf,
@@ -154,7 +132,7 @@ impl Store {
         let Some(g) = good.or(gens.last()) else {
             return Ok(None);
         };
-        vm.protect(g, why)?;
+        crate::marks::protect(&vm, g, why)?;
         Ok(Some(g.clone()))
     }
 }
@@ -362,7 +340,7 @@ impl VmStore {
     /// restore left behind.
     pub fn prune(&self, keep: usize) -> Result<Vec<String>> {
         let keep = keep.max(1);
-        let protected = match self.protections() {
+        let protected = match crate::marks::protections(self) {
             Ok(p) => p,
             Err(why) => {
                 log::warn!("{why}; retention removes nothing until it is fixed");
@@ -405,7 +383,7 @@ impl VmStore {
         self.remove_dirs(doomed)?;
         // Only now: a crash before this leaves a record of a generation
         // that is gone (harmless), never a generation without its record.
-        self.unprotect(doomed)
+        crate::marks::unprotect(self, doomed)
     }
 
     /// Remove these directories of the VM's store (generations, or kept
@@ -605,13 +583,11 @@ fn check_manifest_files(
                 .find(|(n, _)| n == &f.name)
                 .expect("checked above")
                 .1;
-            let checked = if f.name == crate::swtpm::FILE_STATE_NAME {
-                crate::swtpm::check_linear(bytes)
-            } else {
-                let tpm2_permall = m.tpm.version == "2.0" && f.name == "tpm2-00.permall";
-                crate::swtpm::check_blob(bytes, tpm2_permall).map(|_| ())
-            };
-            checked.map_err(|why| format!("{}: {why}", f.name))?;
+            // Only a TPM 2.0 permall has magic numbers to check.
+            let version = crate::domain::TpmVersion::parse(&m.tpm.version)
+                .unwrap_or(crate::domain::TpmVersion::V1_2);
+            crate::swtpm::check_file(version, &f.name, bytes)
+                .map_err(|why| format!("{}: {why}", f.name))?;
         }
     }
     if !m.files.iter().any(|f| f.role == "tpm") {
@@ -645,65 +621,6 @@ impl VmStore {
         let dest = self.dir.join(name);
         std::fs::rename(&tmp, &dest).ctx("rename into place", &dest)?;
         fsutil::fsync_dir(&self.dir)
-    }
-
-    /// The protected generations (see `PROTECTED_MARKER`). Err when the
-    /// record exists but cannot be read: then nothing is safe to prune.
-    pub fn protections(&self) -> std::result::Result<Vec<Protection>, String> {
-        let p = self.dir.join(PROTECTED_MARKER);
-        let bytes = match std::fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
-        };
-        serde_json::from_slice::<ProtectedFile>(&bytes)
-            .map(|f| f.protected)
-            .map_err(|e| format!("cannot read {}: {e}", p.display()))
-    }
-
-    /// Protect `generation` from retention, recording why. Records of
-    /// generations that are gone are dropped on the way.
-    pub fn protect(&self, generation: &str, why: &str) -> Result<()> {
-        let mut list = self.protections().map_err(Error::failed)?;
-        if list.iter().any(|p| p.generation == generation) {
-            return Ok(());
-        }
-        let gens = self.generations()?;
-        list.retain(|p| gens.contains(&p.generation));
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        list.push(Protection {
-            generation: generation.to_owned(),
-            time: manifest::rfc3339(now),
-            host: crate::users::host_name(),
-            why: why.to_owned(),
-        });
-        self.write_protections(list)
-    }
-
-    /// Drop the records of these generations (removed by name).
-    fn unprotect(&self, generations: &[String]) -> Result<()> {
-        let Ok(mut list) = self.protections() else {
-            return Ok(());
-        };
-        let before = list.len();
-        list.retain(|p| !generations.contains(&p.generation));
-        if list.len() == before {
-            return Ok(());
-        }
-        self.write_protections(list)
-    }
-
-    fn write_protections(&self, protected: Vec<Protection>) -> Result<()> {
-        if protected.is_empty() {
-            return self.remove_marker(PROTECTED_MARKER);
-        }
-        let mut bytes =
-            serde_json::to_vec_pretty(&ProtectedFile { protected }).expect("serializes");
-        bytes.push(b'\n');
-        self.write_marker(PROTECTED_MARKER, &bytes)
     }
 
     pub fn read_marker(&self, name: &str) -> Option<Vec<u8>> {

@@ -49,19 +49,63 @@ pub const FILE_STATE_NAME: &str = "tpm-state.file";
 /// `TPM_SAVESTATE_NAME`).
 pub const STATE_BLOBS: [&str; 3] = ["permall", "volatilestate", "savestate"];
 
+/// swtpm's file name prefix for this TPM version: `tpm2-00.permall`.
+pub fn file_prefix(version: TpmVersion) -> &'static str {
+    match version {
+        TpmVersion::V1_2 => "tpm-00.",
+        TpmVersion::V2_0 => "tpm2-00.",
+    }
+}
+
+/// The prefixes of the temporaries swtpm writes its state files through
+/// before renaming them into place (`TMP2-00.permall`), both versions.
+const TMP_PREFIXES: [&str; 2] = ["TMP2-00.", "TMP-00."];
+
+/// The file a running swtpm holds its fcntl lock on.
+pub const LOCK_FILE: &str = ".lock";
+
 /// Is `name` one of swtpm's own state files for this TPM version? Only
 /// the three names swtpm writes: anything else in the directory (its
 /// temporaries `TMP2-00.*`, `.lock`, a `permall.bak`, or a file the `tss`
 /// user planted) is not state, and is never read.
 pub fn is_state_file(version: TpmVersion, name: &OsStr) -> bool {
     name.to_str()
-        .and_then(|n| n.strip_prefix(version.file_prefix()))
+        .and_then(|n| n.strip_prefix(file_prefix(version)))
         .is_some_and(|blob| STATE_BLOBS.contains(&blob))
+}
+
+/// Is `name` one swtpm writes in a state directory: its lock, a state
+/// file of either version, or the temporary it writes one through
+/// (swtpm_nvstore.c)? Anything else (another dotfile, `TMPnotes.txt`, the
+/// `.bak` backup of swtpm's `backup` option, which may be the only copy
+/// of a TPM) is someone else's.
+pub fn is_swtpm_name(name: &str) -> bool {
+    let prefixes = [TpmVersion::V2_0, TpmVersion::V1_2]
+        .map(file_prefix)
+        .into_iter()
+        .chain(TMP_PREFIXES);
+    name == LOCK_FILE
+        || prefixes
+            .filter_map(|p| name.strip_prefix(p))
+            .any(|blob| STATE_BLOBS.contains(&blob))
 }
 
 /// The file whose absence means "no TPM here".
 pub fn permall_name(version: TpmVersion) -> String {
-    format!("{}permall", version.file_prefix())
+    format!("{}permall", file_prefix(version))
+}
+
+/// Check one of swtpm's files the way swtpm would before using it, by its
+/// name: the linear file of a `<source type='file'>` state
+/// (`FILE_STATE_NAME`) by its layout, every other file as a blob, and the
+/// TPM 2.0 permall also by its magic numbers. Returns the blob's header
+/// flags (0 for the linear file, whose blobs carry their own).
+pub fn check_file(version: TpmVersion, name: &str, bytes: &[u8]) -> Result<u16, String> {
+    if name == FILE_STATE_NAME {
+        return check_linear(bytes).map(|()| 0);
+    }
+    let tpm2_permall = version == TpmVersion::V2_0 && name == permall_name(version);
+    check_blob(bytes, tpm2_permall)
 }
 
 /// Header flags swtpm defines (see the facts file).
@@ -73,7 +117,7 @@ const TPM2_PERMALL_MAGIC: [u8; 4] = [0xab, 0x36, 0x47, 0x23];
 /// Check a state blob the way swtpm would before using it: the 10-byte
 /// header, the TLVs that must tile the file exactly, and for a plain
 /// TPM 2.0 permall the magic at both ends of its data. Returns the flags.
-pub fn check_blob(bytes: &[u8], is_tpm2_permall: bool) -> Result<u16, String> {
+fn check_blob(bytes: &[u8], is_tpm2_permall: bool) -> Result<u16, String> {
     if bytes.is_empty() {
         return Err("the file is empty".into());
     }

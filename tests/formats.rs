@@ -6,8 +6,20 @@
 mod common;
 
 use common::*;
+use swtpm_keeper::domain::TpmVersion;
 use swtpm_keeper::manifest::{compact_time, parse_sums, rfc3339, sha256_hex, Manifest};
-use swtpm_keeper::swtpm::check_blob;
+use swtpm_keeper::swtpm::check_file;
+
+/// A TPM 2.0 permall (`true`: checked for its magic numbers too) or
+/// another of swtpm's blobs, through the one check by file name.
+fn check_blob(bytes: &[u8], permall: bool) -> Result<u16, String> {
+    let name = if permall {
+        "tpm2-00.permall"
+    } else {
+        "tpm2-00.volatilestate"
+    };
+    check_file(TpmVersion::V2_0, name, bytes)
+}
 
 /// (year, month, day) of `days` since 1970-01-01, by walking the calendar
 /// one day at a time: slow, and obviously right.

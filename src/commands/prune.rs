@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::inventory;
 use crate::logging::sanitize;
+use crate::marks;
 use crate::store::{Store, VmStore};
 
 /// What the command line asked for.
@@ -118,7 +119,7 @@ fn plan_by_rule(
         .next()
         .map(|m| m.name.clone())
         .unwrap_or_default();
-    let protected = vm.protections().map_err(|why| {
+    let protected = marks::protections(vm).map_err(|why| {
         Error::failed(format!(
             "{why}: nothing removed for VM {uuid}; repair or remove that file"
         ))

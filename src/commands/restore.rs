@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::inventory;
 use crate::manifest;
+use crate::putback::{self, NvramOutcome};
 use crate::qemuconf::QemuConf;
-use crate::restore::{self, NvramOutcome};
 use crate::store::Store;
 use crate::swtpm::{self, StateLocation};
 
@@ -28,7 +28,7 @@ fn swtpm_holder(loc: &StateLocation) -> Option<i32> {
     let StateLocation::Dir(dir) = loc else {
         return None;
     };
-    let f = fsutil::open_no_untrusted_links(&dir.join(".lock"), false).ok()?;
+    let f = fsutil::open_no_untrusted_links(&dir.join(swtpm::LOCK_FILE), false).ok()?;
     swtpm::fcntl_lock_holder(&f).ok().flatten()
 }
 
@@ -60,7 +60,7 @@ pub fn run(
             ))
         })?,
         None => {
-            let (l, skipped) = restore::newest_good(&vm, &gens, cfg.max_file_size)
+            let (l, skipped) = putback::newest_good(&vm, &gens, cfg.max_file_size)
                 .map_err(|r| Error::failed(format!("{}; nothing restored", r.why)))?;
             for (g, why) in skipped {
                 log::warn!(
@@ -90,7 +90,7 @@ pub fn run(
         ))
     })?;
     // With firmware auto-selection the definition may not name the NVRAM.
-    domain.nvram = restore::nvram_path(&domain, &gen.manifest);
+    domain.nvram = putback::nvram_path(&domain, &gen.manifest);
     let loc = StateLocation::of(&cfg.swtpm_dir, &domain, &tpm);
 
     if let Some(pid) = running_pid(cfg, &domain.name) {
@@ -105,7 +105,7 @@ pub fn run(
             loc.path().display()
         )));
     }
-    if let Err(r) = restore::check_rules(&vm, &gen, &domain, &tpm, &loc) {
+    if let Err(r) = putback::check_rules(&vm, &gen, &domain, &tpm, &loc) {
         if !force {
             return Err(Error::failed(format!(
                 "refusing: {}. Add --force to restore it anyway",
@@ -167,14 +167,14 @@ pub fn run(
     }
 
     let qc = QemuConf::load(&cfg.qemu_conf);
-    let nvram = restore::put_back(
+    let nvram = putback::put_back(
         &vm,
         &gen,
         &domain,
         &loc,
         &qc.swtpm_owner(),
         &qc.qemu_owner(),
-        restore::Replace {
+        putback::Replace {
             state: force && captured,
             nvram: force && captured,
             ..Default::default()

@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::inventory::{self, human_bytes, JSON_VERSION};
 use crate::logging::sanitize;
 use crate::manifest::{self, Manifest};
-use crate::store::{Protection, Store, VmStore};
+use crate::marks::{self, Protection};
+use crate::store::{Store, VmStore};
 
 #[derive(Serialize)]
 struct ShowJson {
@@ -66,7 +67,7 @@ pub fn run(
         return print_xml(&vm, &uuid, &gens, which, out);
     }
 
-    let (protections, protection_error) = match vm.protections() {
+    let (protections, protection_error) = match marks::protections(&vm) {
         Ok(p) => (p, None),
         Err(e) => (Vec::new(), Some(e)),
     };

@@ -1,4 +1,4 @@
-//! Restore: put the newest good generation back where libvirt looks for a
+//! Putting a state back: the newest good generation goes back where libvirt looks for a
 //! VM's TPM state (and its UEFI vars), before swtpm starts, when libvirt's
 //! copy is gone, so that the guest boots with the same TPM.
 //!
@@ -9,41 +9,19 @@
 //! keeping it as evidence; a state that passes them is never replaced.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
-use crate::config::{Config, Restore};
-use crate::domain::{Domain, Tpm};
+use crate::config::{Config, RestoreAtPrepare};
+use crate::domain::{Domain, Tpm, TpmVersion};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::fsutil::{Dir, Rename};
 use crate::manifest::{self, Manifest};
+use crate::marks;
 use crate::mend::{self, Corrupt, Judged, Rule};
 use crate::qemuconf::{Owner, QemuConf};
 use crate::store::{Loaded, Store, VmStore};
 use crate::swtpm::{self, StateLocation};
-use crate::users;
 
-/// How long a mark left at `migrate begin`/`restore begin` keeps a
-/// `prepare` from restoring, as the last guard: the mark is normally used
-/// up by the `prepare` of its own operation, or cleared by the
-/// `stopped`/`release` of a failed one. It outlives its operation only when
-/// neither follows: an offline migration (`qemuMigrationDstPrepareFresh`
-/// runs the migrate hook, then skips `qemuMigrationDstPrepareActive`; no
-/// later hook runs), or a failure before `qemuProcessInit` runs the prepare
-/// hook (cookie, domain already active, storage pre-creation, QEMU
-/// capabilities). Between the two hooks of one operation libvirt (read in
-/// 9.0 and 11.3) parses XML and cookie, may wait for the domain's job (at
-/// most `VIR_JOB_WAIT_TIME`, 30 s), may probe QEMU's capabilities (seconds)
-/// and creates missing disks of a copy-storage migration (fallocate, fast;
-/// zero-filled where the filesystem has none). 45 s covers all but that
-/// zero fill and slow hooks that run between ours, with a margin. A later
-/// `prepare` restores as a plain start does (a refusal then aborts the
-/// migration); an earlier start after an offline migration restores
-/// nothing.
-pub const INCOMING_WINDOW_SECS: i64 = 45;
-pub const MIGRATED_MARKER: &str = "migrated-away.json";
 const TMP_PREFIX: &str = ".swtpm-keeper-";
 
 /// Why a restore must not happen, and what the operator can do about it.
@@ -86,125 +64,6 @@ pub enum NvramOutcome {
 pub struct Mended {
     pub why: String,
     pub evidence: PathBuf,
-}
-
-#[derive(Serialize, Deserialize)]
-struct IncomingMarker {
-    event: String,
-    time_unix: i64,
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct MigratedMarker {
-    pub generation: String,
-    pub time: String,
-    pub host: String,
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn incoming_marker_name() -> String {
-    // Per host: on a shared store the marker is for this host's `prepare`.
-    format!("incoming-{}.json", users::host_name().replace('/', "_"))
-}
-
-/// At `migrate begin` / `restore begin`: the TPM state will arrive in the
-/// stream, so the `prepare` that follows must not restore an old copy.
-/// False when the store holds nothing for the VM: nothing could be
-/// restored, so nothing is noted (and no store directory is created).
-pub fn note_incoming(cfg: &Config, domain: &Domain, event: &str) -> Result<bool> {
-    let store = Store::new(&cfg.store_dir);
-    if !store.vm_dir(&domain.uuid).is_dir() {
-        return Ok(false);
-    }
-    let vm = store.open_vm(&domain.uuid, cfg.lock_timeout())?;
-    let m = IncomingMarker {
-        event: event.to_owned(),
-        time_unix: now(),
-    };
-    vm.write_marker(
-        &incoming_marker_name(),
-        &serde_json::to_vec(&m).expect("serializes"),
-    )?;
-    Ok(true)
-}
-
-/// At `stopped`/`release`: the VM stopped on this host, so an incoming
-/// operation noted here is over (a failed incoming migration or restore
-/// stops the VM). Removes this host's mark only: on a shared store another
-/// host's mark is for that host's `prepare`. True when there was one.
-pub fn clear_incoming(cfg: &Config, domain: &Domain) -> Result<bool> {
-    let store = Store::new(&cfg.store_dir);
-    let name = incoming_marker_name();
-    // The usual stop has no mark: one stat, no lock.
-    if std::fs::symlink_metadata(store.vm_dir(&domain.uuid).join(&name)).is_err() {
-        return Ok(false);
-    }
-    let vm = store.open_vm(&domain.uuid, cfg.lock_timeout())?;
-    let had = vm.read_marker(&name).is_some();
-    vm.remove_marker(&name)?;
-    Ok(had)
-}
-
-/// At `prepare`: this host's incoming mark, used up whether it counts or
-/// not. Some(event, age in seconds) when it is recent enough to count.
-fn take_incoming(vm: &VmStore, domain: &Domain) -> Result<Option<(String, i64)>> {
-    let name = incoming_marker_name();
-    let Some(bytes) = vm.read_marker(&name) else {
-        return Ok(None);
-    };
-    vm.remove_marker(&name)?;
-    let Ok(m) = serde_json::from_slice::<IncomingMarker>(&bytes) else {
-        return Ok(None);
-    };
-    let age = now() - m.time_unix;
-    if age.abs() <= INCOMING_WINDOW_SECS {
-        return Ok(Some((m.event, age)));
-    }
-    log::info!(
-        "vm={} uuid={}: the incoming {} noted {age} s ago had no prepare within {INCOMING_WINDOW_SECS} s \
-         (an offline migration, or one that failed early): not counted",
-        domain.name,
-        domain.uuid,
-        m.event
-    );
-    Ok(None)
-}
-
-/// At a stop with reason `migrated` that stored nothing (the state was
-/// already gone, or could not be read): this host's copies are stale all
-/// the same, so mark the newest generation, under the lock. None when the
-/// store holds no generation for the VM.
-pub fn mark_migrated_away(cfg: &Config, domain: &Domain) -> Result<Option<String>> {
-    let store = Store::new(&cfg.store_dir);
-    if !store.vm_dir(&domain.uuid).is_dir() {
-        return Ok(None);
-    }
-    let vm = store.open_vm(&domain.uuid, cfg.lock_timeout())?;
-    let Some(newest) = vm.generations()?.pop() else {
-        return Ok(None);
-    };
-    note_migrated_away(&vm, &newest)?;
-    Ok(Some(newest))
-}
-
-/// At a stop with reason `migrated` (libvirt 10.5+): this host's copy is
-/// stale from now on; remember which generation that was.
-pub fn note_migrated_away(vm: &VmStore, generation: &str) -> Result<()> {
-    let m = MigratedMarker {
-        generation: generation.to_owned(),
-        time: manifest::rfc3339(now()),
-        host: users::host_name(),
-    };
-    vm.write_marker(
-        MIGRATED_MARKER,
-        &serde_json::to_vec(&m).expect("serializes"),
-    )
 }
 
 /// Is libvirt's state for this TPM there, and usable? Ok(None): it is
@@ -272,7 +131,7 @@ pub fn at_prepare(
     domain: &Domain,
     tpm: &Tpm,
 ) -> std::result::Result<Outcome, Refusal> {
-    if cfg.restore == Restore::Off {
+    if cfg.restore == RestoreAtPrepare::Off {
         return Ok(Outcome::Nothing("restore = \"off\"".into()));
     }
     let store = Store::new(&cfg.store_dir);
@@ -284,7 +143,7 @@ pub fn at_prepare(
     let vm = store
         .open_vm(&domain.uuid, cfg.lock_timeout())
         .map_err(io_refusal)?;
-    if let Some((event, age_secs)) = take_incoming(&vm, domain).map_err(io_refusal)? {
+    if let Some((event, age_secs)) = marks::take_incoming(&vm, domain).map_err(io_refusal)? {
         return Ok(Outcome::Incoming { event, age_secs });
     }
     let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
@@ -400,10 +259,7 @@ pub fn check_rules(
         "if this state is the right one, put it back with `swtpm-keeper restore {} --generation {} --force` and start again",
         domain.uuid, gen.name
     );
-    let migrated_at = vm
-        .read_marker(MIGRATED_MARKER)
-        .and_then(|b| serde_json::from_slice::<MigratedMarker>(&b).ok())
-        .filter(|mk| mk.generation.as_str() >= gen.name.as_str());
+    let migrated_at = marks::migrated_away(vm, &gen.name);
     if m.reason == "migrated" || migrated_at.is_some() {
         return Err(Refusal {
             why: format!("{which} was taken when the VM migrated to another host: its TPM lives on there and this copy is stale"),
@@ -513,7 +369,7 @@ pub fn check_put_back<'a>(
             gen.name
         )));
     }
-    let tpm = TpmTarget::check(loc, &swtpm::permall_name(version), replace)?;
+    let tpm = TpmTarget::check(loc, version, replace)?;
     let nvram = match (nvram_path(domain, &gen.manifest), gen.file(manifest::NVRAM)) {
         (Some(path), Some(bytes)) => Some((FileTarget::check(path, true, replace.nvram)?, bytes)),
         _ => None,
@@ -580,20 +436,11 @@ pub fn nvram_path(domain: &Domain, m: &Manifest) -> Option<PathBuf> {
     Some(recorded.with_file_name(renamed))
 }
 
-/// Is this entry of a state directory swtpm's own? Its lock `.lock`, its
-/// state files and the temporaries it writes them through, each a regular
-/// file: `tpm2-00.<what>` and `TMP2-00.<what>` (`tpm-00.`/`TMP-00.` for
-/// TPM 1.2), <what> being `permall`, `volatilestate` or `savestate`
-/// (swtpm_nvstore.c). Anything else (another dotfile, `TMPnotes.txt`, a
-/// subdirectory, the `.bak` backup of swtpm's `backup` option, which may
-/// be the only copy of a TPM) is someone else's.
+/// Is this entry of a state directory swtpm's own? One of its names
+/// (`swtpm::is_swtpm_name`), as a regular file: a subdirectory or a link
+/// under such a name is someone else's.
 fn swtpm_owned(name: &str, st: &libc::stat) -> bool {
-    let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
-    let state = ["tpm2-00.", "TMP2-00.", "tpm-00.", "TMP-00."]
-        .iter()
-        .filter_map(|p| name.strip_prefix(p))
-        .any(|what| matches!(what, "permall" | "volatilestate" | "savestate"));
-    regular && (name == ".lock" || state)
+    st.st_mode & libc::S_IFMT == libc::S_IFREG && swtpm::is_swtpm_name(name)
 }
 
 /// What a restore writes beside a destination before renaming it into
@@ -734,9 +581,9 @@ enum TpmTarget {
 }
 
 impl TpmTarget {
-    fn check(loc: &StateLocation, permall: &str, replace: Replace) -> Result<TpmTarget> {
+    fn check(loc: &StateLocation, version: TpmVersion, replace: Replace) -> Result<TpmTarget> {
         match loc {
-            StateLocation::Dir(d) => Ok(TpmTarget::Dir(DirTarget::check(d, permall, replace)?)),
+            StateLocation::Dir(d) => Ok(TpmTarget::Dir(DirTarget::check(d, version, replace)?)),
             StateLocation::File(f) => {
                 let mut t = FileTarget::check(f.clone(), false, replace.state)?;
                 t.if_corrupt = replace.if_corrupt;
@@ -945,6 +792,7 @@ struct DirTarget {
 struct DirDest {
     path: PathBuf,
     leaf: String,
+    version: TpmVersion,
     permall: String,
     replace: bool,
     /// `Replace::if_corrupt`.
@@ -952,7 +800,7 @@ struct DirDest {
 }
 
 impl DirTarget {
-    fn check(path: &Path, permall: &str, replace: Replace) -> Result<DirTarget> {
+    fn check(path: &Path, version: TpmVersion, replace: Replace) -> Result<DirTarget> {
         let (parent, leaf) = split(path)?;
         let (grand, _) = split(parent)?;
         // libvirt's layout: <swtpm_dir> and <swtpm_dir>/<uuid> are root 0711.
@@ -966,7 +814,8 @@ impl DirTarget {
             dest: DirDest {
                 path: path.to_owned(),
                 leaf: leaf.to_owned(),
-                permall: permall.to_owned(),
+                version,
+                permall: swtpm::permall_name(version),
                 replace: replace.state,
                 if_corrupt: replace.if_corrupt,
             },
@@ -1062,15 +911,10 @@ impl DirDest {
         }
         let why = match self.if_corrupt {
             None => "holds a TPM state".to_owned(),
-            Some(max) => {
-                let rule = Rule::Blob {
-                    tpm2_permall: self.permall == "tpm2-00.permall",
-                };
-                match mend::recheck(old, &self.permall, rule, max) {
-                    Ok(()) => return Ok(()),
-                    Err(why) => format!("holds a TPM state that {why}"),
-                }
-            }
+            Some(max) => match mend::recheck(old, &self.permall, Rule::Blob(self.version), max) {
+                Ok(()) => return Ok(()),
+                Err(why) => format!("holds a TPM state that {why}"),
+            },
         };
         Err(Error::failed(format!(
             "{} {why}; left as it is",
@@ -1183,7 +1027,7 @@ mod placement_tests {
     #[test]
     fn put_back_never_swaps_out_a_state_that_passes_the_checks() {
         let d = state_dir("passes", &good_permall());
-        let e = DirTarget::check(&d, "tpm2-00.permall", IF_CORRUPT)
+        let e = DirTarget::check(&d, TpmVersion::V2_0, IF_CORRUPT)
             .err()
             .expect("refused");
         assert!(e.to_string().contains("passes swtpm's checks"), "{e}");
@@ -1193,7 +1037,7 @@ mod placement_tests {
     #[test]
     fn a_corrupt_state_rewritten_good_before_the_swap_stays() {
         let d = state_dir("rewritten", b"");
-        let t = DirTarget::check(&d, "tpm2-00.permall", IF_CORRUPT).expect("corrupt: may go");
+        let t = DirTarget::check(&d, TpmVersion::V2_0, IF_CORRUPT).expect("corrupt: may go");
         // `tss` writes a good state after the first check.
         let good = good_permall();
         std::fs::write(d.join("tpm2-00.permall"), &good).unwrap();
