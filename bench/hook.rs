@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use swtpm_keeper::manifest::{self, FileEntry, Manifest, TpmInfo};
+use swtpm_keeper::domain::TpmVersion;
+use swtpm_keeper::manifest::{self, FileEntry, Manifest, Role, TpmInfo};
 use swtpm_keeper::store;
 
 const HOOK_BIN: &str = env!("CARGO_BIN_EXE_swtpm-keeper");
@@ -541,19 +542,19 @@ fn write_generations(vm: &Path, uuid: &str, name: &str, gens: usize) {
         for (fname, role, bytes, sha) in [
             (
                 "tpm2-00.permall",
-                "tpm",
+                Role::Tpm,
                 permall.as_slice(),
                 permall_sha.clone(),
             ),
             (
                 "domain.xml",
-                "domain",
+                Role::Domain,
                 xml.as_bytes(),
                 manifest::sha256_hex(xml.as_bytes()),
             ),
             (
                 "domain-live.xml",
-                "domain-live",
+                Role::DomainLive,
                 xml.as_bytes(),
                 manifest::sha256_hex(xml.as_bytes()),
             ),
@@ -562,7 +563,7 @@ fn write_generations(vm: &Path, uuid: &str, name: &str, gens: usize) {
             sums.push((fname.to_string(), sha.clone()));
             files.push(FileEntry {
                 name: fname.into(),
-                role: role.into(),
+                role,
                 source: None,
                 size: bytes.len() as u64,
                 mode: "0600".into(),
@@ -588,7 +589,7 @@ fn write_generations(vm: &Path, uuid: &str, name: &str, gens: usize) {
             persistent: false,
             domain_xml_from: "hook-stdin".into(),
             tpm: TpmInfo {
-                version: "2.0".into(),
+                version: TpmVersion::V2_0,
                 model: "tpm-crb".into(),
                 state_type: "dir".into(),
                 state_path: format!("/var/lib/libvirt/swtpm/{uuid}/tpm2"),

@@ -11,7 +11,7 @@ use crate::domain::{Domain, Tpm, TpmVersion};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, FileData, Identity};
 use crate::live::{self, FileRead, Reading, Seen};
-use crate::manifest::{self, FileEntry, Manifest, NvramInfo, TpmInfo};
+use crate::manifest::{self, FileEntry, Manifest, NvramInfo, Role, TpmInfo};
 use crate::marks;
 use crate::running::RunningVm;
 use crate::store::{Known, Store, VmStore};
@@ -52,7 +52,7 @@ pub enum Outcome {
 
 struct Captured {
     name: String,
-    role: &'static str,
+    role: Role,
     source: Option<PathBuf>,
     data: FileData,
 }
@@ -147,7 +147,7 @@ fn read_state(
             };
             let c = Captured {
                 name: swtpm::FILE_STATE_NAME.into(),
-                role: "tpm",
+                role: Role::Tpm,
                 source: Some(path.clone()),
                 data,
             };
@@ -201,7 +201,7 @@ fn read_state_dir(
         }
         out.push(Captured {
             name,
-            role: "tpm",
+            role: Role::Tpm,
             source: Some(path),
             data,
         });
@@ -296,7 +296,7 @@ fn inactive_definition(cfg: &Config, domain: &Domain, max: u64) -> Option<(PathB
 fn entry(c: &Captured) -> FileEntry {
     FileEntry {
         name: c.name.clone(),
-        role: c.role.into(),
+        role: c.role,
         source: c.source.as_ref().map(|p| p.display().to_string()),
         size: c.data.bytes.len() as u64,
         mode: format!("{:04o}", c.data.mode),
@@ -357,7 +357,7 @@ fn capture_read(
     let mut read: Vec<(String, Identity)> = c
         .files
         .iter()
-        .filter(|f| f.role == "tpm" || f.role == "nvram")
+        .filter(|f| f.role.is_state())
         .filter_map(|f| Some((f.source.as_ref()?.display().to_string(), f.data.identity?)))
         .collect();
     read.sort_by(|a, b| a.0.cmp(&b.0));
@@ -517,7 +517,7 @@ fn collect_nvram(
     if let Some(data) = data {
         files.push(Captured {
             name: manifest::NVRAM.into(),
-            role: "nvram",
+            role: Role::Nvram,
             source: Some(p.clone()),
             data,
         });
@@ -548,7 +548,7 @@ fn collect_xml(
             budget.take(&path.display(), data.bytes.len() as u64)?;
             files.push(Captured {
                 name: manifest::DOMAIN_XML.into(),
-                role: "domain",
+                role: Role::Domain,
                 source: Some(path),
                 data,
             });
@@ -558,7 +558,7 @@ fn collect_xml(
             budget.take(&stdin, live_xml.len() as u64)?;
             files.push(Captured {
                 name: manifest::DOMAIN_XML.into(),
-                role: "domain",
+                role: Role::Domain,
                 source: None,
                 data: root_file(live_xml.to_vec()),
             });
@@ -568,7 +568,7 @@ fn collect_xml(
     budget.take(&stdin, live_xml.len() as u64)?;
     files.push(Captured {
         name: manifest::DOMAIN_LIVE_XML.into(),
-        role: "domain-live",
+        role: Role::DomainLive,
         source: None,
         data: root_file(live_xml.to_vec()),
     });
@@ -597,7 +597,7 @@ fn build_manifest(
         persistent: c.persistent,
         domain_xml_from: c.domain_xml_from.into(),
         tpm: TpmInfo {
-            version: tpm.version.as_str().into(),
+            version: tpm.version,
             model: tpm.model.clone(),
             state_type: loc.kind().into(),
             state_path: loc.path().display().to_string(),
@@ -676,7 +676,7 @@ fn store_unless_unchanged(
             unread: false,
         });
     }
-    let nvram = files.iter().any(|c| c.role == "nvram");
+    let nvram = files.iter().any(|c| c.role == Role::Nvram);
     let n = files.len();
     let payload: Vec<(String, Vec<u8>)> =
         files.into_iter().map(|c| (c.name, c.data.bytes)).collect();

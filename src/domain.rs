@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -13,10 +13,20 @@ use crate::error::{Error, Result};
 /// from libvirt.
 pub const MAX_XML_BYTES: usize = 4 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A manifest spells it as libvirt does, "2.0" or "1.2"; any other
+/// version makes the manifest unreadable rather than a guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TpmVersion {
+    #[serde(rename = "1.2")]
     V1_2,
+    #[serde(rename = "2.0")]
     V2_0,
+}
+
+impl std::fmt::Display for TpmVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl TpmVersion {

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::domain::{self, Domain};
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, Role};
 use crate::marks;
 use crate::store::{Store, VmStore};
 
@@ -154,7 +154,7 @@ pub fn summary(cfg: &Config, vm: &VmStore, uuid: &str) -> Result<VmSummary> {
             .is_some_and(|(_, m)| m.tpm.encryption_secret.is_some()),
         nvram: newest
             .as_ref()
-            .is_some_and(|(_, m)| m.files.iter().any(|f| f.role == "nvram")),
+            .is_some_and(|(_, m)| m.files.iter().any(|f| f.role == Role::Nvram)),
         migrated_away: migrated,
         evidence: vm.evidence()?.len(),
         protected: marks::protections(vm)

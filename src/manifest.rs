@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::domain::TpmVersion;
 use crate::fsutil::Identity;
 
 pub const FORMAT: u32 = 1;
@@ -47,7 +48,7 @@ pub struct Manifest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TpmInfo {
-    pub version: String,
+    pub version: TpmVersion,
     pub model: String,
     /// `dir` or `file`, and the path libvirt uses for it.
     pub state_type: String,
@@ -65,11 +66,32 @@ pub struct NvramInfo {
     pub file: Option<String>,
 }
 
+/// What a file of a generation is, spelled `tpm`, `nvram`, `domain` or
+/// `domain-live` in the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// swtpm's state: its files, or the one linear file.
+    Tpm,
+    /// The UEFI vars file.
+    Nvram,
+    /// libvirt's persistent definition (or the XML the hook was given).
+    Domain,
+    /// The XML of the running VM.
+    DomainLive,
+}
+
+impl Role {
+    /// The roles that make up "the state": a TPM and its UEFI vars.
+    pub fn is_state(self) -> bool {
+        matches!(self, Role::Tpm | Role::Nvram)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
     pub name: String,
-    /// `tpm`, `nvram`, `domain` or `domain-live`.
-    pub role: String,
+    pub role: Role,
     /// The path it was copied from, if any.
     pub source: Option<String>,
     pub size: u64,
@@ -93,7 +115,7 @@ impl Manifest {
         let mut v: Vec<(&str, &str)> = self
             .files
             .iter()
-            .filter(|f| f.role == "tpm" || f.role == "nvram")
+            .filter(|f| f.role.is_state())
             .map(|f| (f.name.as_str(), f.sha256.as_str()))
             .collect();
         v.sort();

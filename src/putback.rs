@@ -15,7 +15,7 @@ use crate::domain::{Domain, Tpm, TpmVersion};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::fsutil::{Dir, Rename};
-use crate::manifest::{self, Manifest};
+use crate::manifest::{self, Manifest, Role};
 use crate::marks;
 use crate::mend::{self, Corrupt, Judged, Rule};
 use crate::qemuconf::{Owner, QemuConf};
@@ -266,12 +266,11 @@ pub fn check_rules(
             fix: force,
         });
     }
-    if m.tpm.version != tpm.version.as_str() {
+    if m.tpm.version != tpm.version {
         return Err(Refusal {
             why: format!(
                 "{which} is a TPM {} state but the domain now has a TPM {}",
-                m.tpm.version,
-                tpm.version.as_str()
+                m.tpm.version, tpm.version
             ),
             fix: force,
         });
@@ -354,13 +353,13 @@ pub fn check_put_back<'a>(
 ) -> Result<Checked<'a>> {
     // Only swtpm's own names go back: a generation of 0.1.0 may hold a
     // file that `tss` planted under a swtpm-like name.
-    let version = version_of(gen);
+    let version = gen.manifest.tpm.version;
     let swtpms = |n: &str| n == swtpm::FILE_STATE_NAME || swtpm::is_state_file(version, n.as_ref());
     let tpm_files: Vec<(&str, &[u8])> = gen
         .manifest
         .files
         .iter()
-        .filter(|f| f.role == "tpm" && swtpms(&f.name))
+        .filter(|f| f.role == Role::Tpm && swtpms(&f.name))
         .filter_map(|f| gen.file(&f.name).map(|b| (f.name.as_str(), b)))
         .collect();
     if tpm_files.is_empty() {
@@ -516,11 +515,6 @@ fn remove_leftovers(_locked: &VmStore, loc: &StateLocation) -> Result<()> {
         StateLocation::Dir(_) => remove_own_temps(&dir, leaf, TempKind::Dir),
         StateLocation::File(_) => remove_own_temps(&dir, leaf, TempKind::File),
     }
-}
-
-fn version_of(gen: &Loaded) -> crate::domain::TpmVersion {
-    crate::domain::TpmVersion::parse(&gen.manifest.tpm.version)
-        .unwrap_or(crate::domain::TpmVersion::V2_0)
 }
 
 fn split(path: &Path) -> Result<(&Path, &str)> {

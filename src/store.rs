@@ -17,7 +17,7 @@ use crate::failpoint;
 use crate::fsutil;
 use crate::leftover;
 use crate::lock::{self, VmLock};
-use crate::manifest::{self, Manifest};
+use crate::manifest::{self, Manifest, Role};
 
 const TMP_PREFIX: &str = ".tmp-";
 const TRASH_PREFIX: &str = ".trash-";
@@ -577,20 +577,17 @@ fn check_manifest_files(
                 ))
             }
         }
-        if f.role == "tpm" {
+        if f.role == Role::Tpm {
             let bytes = &files
                 .iter()
                 .find(|(n, _)| n == &f.name)
                 .expect("checked above")
                 .1;
-            // Only a TPM 2.0 permall has magic numbers to check.
-            let version = crate::domain::TpmVersion::parse(&m.tpm.version)
-                .unwrap_or(crate::domain::TpmVersion::V1_2);
-            crate::swtpm::check_file(version, &f.name, bytes)
+            crate::swtpm::check_file(m.tpm.version, &f.name, bytes)
                 .map_err(|why| format!("{}: {why}", f.name))?;
         }
     }
-    if !m.files.iter().any(|f| f.role == "tpm") {
+    if !m.files.iter().any(|f| f.role == Role::Tpm) {
         return Err("the manifest lists no TPM state file".into());
     }
     Ok(())

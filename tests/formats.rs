@@ -160,6 +160,43 @@ fn a_manifest_of_a_newer_format_is_refused_and_this_one_is_read() {
     assert!(err.contains("manifest format 2 is newer"), "{err}");
 }
 
+#[test]
+fn a_manifest_tpm_version_is_1_2_or_2_0_and_any_other_is_refused_not_read_as_2_0() {
+    let h = Host::new("formats-version");
+    write_generation(
+        &h,
+        &FixtureGen {
+            uuid: UUID_TRANS,
+            vm: "tpmtrans",
+            generation: "00000001-20261101T000000Z",
+            time_unix: 1_793_491_200,
+            event: "stopped",
+            reason: "-",
+            secret: None,
+            files: &[("tpm2-00.permall", "tpm", &fixture("tpm2-00.permall.plain"))],
+        },
+    );
+    let path = h
+        .vm_store(UUID_TRANS)
+        .join("00000001-20261101T000000Z")
+        .join("manifest.json");
+    let bytes = std::fs::read(path).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    for (text, version) in [("2.0", TpmVersion::V2_0), ("1.2", TpmVersion::V1_2)] {
+        m["tpm"]["version"] = text.into();
+        let read = Manifest::from_json(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(read.tpm.version, version);
+        // Written back as it was read: the on-disk spelling is unchanged.
+        let again: serde_json::Value = serde_json::from_slice(&read.to_json()).unwrap();
+        assert_eq!(again["tpm"]["version"], text);
+    }
+    for other in ["3.0", "2", ""] {
+        m["tpm"]["version"] = other.into();
+        let read = Manifest::from_json(&serde_json::to_vec(&m).unwrap());
+        assert!(read.is_err(), "version {other:?} was read: {read:?}");
+    }
+}
+
 /// A swtpm blob: the 10-byte header (version, minimum version, header
 /// size, flags, total length = the real length unless `totlen` says
 /// otherwise) with `pad` bytes of header beyond 10, then `tlvs` as given.
