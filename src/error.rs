@@ -1,16 +1,20 @@
 //! One error type: a sentence that names the action and the path, plus
-//! the kind that decides the exit code in `main`.
+//! the kind that decides the exit code in `main` (and, for a refused
+//! restore, what the operator can do about it).
 
 use std::fmt;
 use std::io;
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// Wrong command line or configuration: exit 2.
     Usage,
-    /// Something failed or was refused: exit 1.
+    /// Something failed: exit 1.
     Failed,
+    /// A stored state must not be put back (exit 1), and the fix: what
+    /// the operator can do about it.
+    Refused { fix: String },
 }
 
 #[derive(Debug)]
@@ -37,6 +41,23 @@ impl Error {
             kind: Kind::Usage,
             msg: msg.into(),
             io_kind: None,
+        }
+    }
+
+    /// Why a state must not be put back, and what the operator can do.
+    pub fn refused(why: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error {
+            kind: Kind::Refused { fix: fix.into() },
+            msg: why.into(),
+            io_kind: None,
+        }
+    }
+
+    /// A refusal's fix; None for any other error.
+    pub fn fix(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Refused { fix } => Some(fix),
+            _ => None,
         }
     }
 
@@ -76,5 +97,22 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, action: &str, path: &Path) -> Result<T> {
         self.map_err(|e| Error::io(action, path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_says_why_and_carries_its_fix_through_context() {
+        let e = Error::refused("generation 3 is stale", "restore it with --force")
+            .context("libvirt's TPM state is corrupt");
+        assert_eq!(
+            e.to_string(),
+            "libvirt's TPM state is corrupt: generation 3 is stale"
+        );
+        assert_eq!(e.fix(), Some("restore it with --force"));
+        assert_eq!(Error::failed("x").fix(), None);
     }
 }

@@ -146,23 +146,30 @@ impl VmStore {
 
     /// An evidence directory's record, its files checked against its
     /// `SHA256SUMS`. The error says what is wrong.
-    pub fn load_evidence(&self, name: &str) -> std::result::Result<Record, String> {
+    pub fn load_evidence(&self, name: &str) -> Result<Record> {
         let dir = self.dir().join(name);
-        let read = |n: &str| std::fs::read(dir.join(n)).map_err(|e| format!("{n}: {e}"));
+        let read =
+            |n: &str| std::fs::read(dir.join(n)).map_err(|e| Error::failed(format!("{n}: {e}")));
         let sums = manifest::parse_sums(&String::from_utf8_lossy(&read(manifest::SUMS)?))
-            .map_err(|e| format!("{}: {e}", manifest::SUMS))?;
+            .map_err(|e| Error::failed(format!("{}: {e}", manifest::SUMS)))?;
         for (n, hex) in &sums {
             if n.contains('/') || n.starts_with('.') {
-                return Err(format!("{}: unexpected name {n:?}", manifest::SUMS));
+                return Err(Error::failed(format!(
+                    "{}: unexpected name {n:?}",
+                    manifest::SUMS
+                )));
             }
             if &manifest::sha256_hex(&read(n)?) != hex {
-                return Err(format!("{n}: checksum mismatch"));
+                return Err(Error::failed(format!("{n}: checksum mismatch")));
             }
         }
         if !sums.iter().any(|(n, _)| n == RECORD) {
-            return Err(format!("{} does not list {RECORD}", manifest::SUMS));
+            return Err(Error::failed(format!(
+                "{} does not list {RECORD}",
+                manifest::SUMS
+            )));
         }
-        serde_json::from_slice(&read(RECORD)?).map_err(|e| format!("{RECORD}: {e}"))
+        serde_json::from_slice(&read(RECORD)?).map_err(|e| Error::failed(format!("{RECORD}: {e}")))
     }
 
     /// Remove evidence directories by name.

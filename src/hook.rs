@@ -380,6 +380,7 @@ impl<'a> Job<'a> {
                 0
             }
             Err(r) => {
+                let fix = r.fix().unwrap_or_default();
                 let abort = self.cfg.on_refusal == OnRefusal::Abort;
                 let then = if abort {
                     "the start is aborted (on_refusal = \"abort\")"
@@ -388,21 +389,21 @@ impl<'a> Job<'a> {
                 };
                 log::error!(
                     "{who}: TPM state NOT restored: {}; {then}. To fix: {}",
-                    r.why,
-                    r.fix
+                    r,
+                    fix
                 );
                 if abort {
                     let _ = writeln!(
                         std::io::stderr(),
                         "swtpm-keeper: refusing to start {} with a new TPM: {}. To fix: {}. (Or set on_refusal = \"continue\" in {} to start with a new TPM.)",
                         logging::sanitize(&self.domain.name),
-                        r.why,
-                        r.fix,
+                        r,
+                        fix,
                         config::path().display()
                     );
                     return 1;
                 }
-                self.protect_refused(&r.why);
+                self.protect_refused(&r.to_string());
                 0
             }
         }

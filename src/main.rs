@@ -33,7 +33,7 @@ fn main() -> ExitCode {
             let _ = writeln!(std::io::stderr(), "swtpm-keeper: {e}");
             ExitCode::from(match e.kind {
                 Kind::Usage => 2,
-                Kind::Failed => 1,
+                Kind::Failed | Kind::Refused { .. } => 1,
             })
         }
     }

@@ -184,22 +184,22 @@ pub fn migrated_away(vm: &VmStore, generation: &str) -> Option<String> {
 
 /// The protected generations. Err when the record exists but cannot be
 /// read: then nothing is safe to prune.
-pub fn protections(vm: &VmStore) -> std::result::Result<Vec<Protection>, String> {
+pub fn protections(vm: &VmStore) -> Result<Vec<Protection>> {
     let p = vm.dir().join(PROTECTED_MARKER);
     let bytes = match std::fs::read(&p) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
+        Err(e) => return Err(Error::io("read", &p, e)),
     };
     serde_json::from_slice::<ProtectedFile>(&bytes)
         .map(|f| f.protected)
-        .map_err(|e| format!("cannot read {}: {e}", p.display()))
+        .map_err(|e| Error::failed(format!("cannot read {}: {e}", p.display())))
 }
 
 /// Protect `generation` from retention, recording why. Records of
 /// generations that are gone are dropped on the way.
 pub fn protect(vm: &VmStore, generation: &str, why: &str) -> Result<()> {
-    let mut list = protections(vm).map_err(Error::failed)?;
+    let mut list = protections(vm)?;
     if list.iter().any(|p| p.generation == generation) {
         return Ok(());
     }

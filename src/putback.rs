@@ -24,13 +24,6 @@ use crate::swtpm::{self, StateLocation};
 
 const TMP_PREFIX: &str = ".swtpm-keeper-";
 
-/// Why a restore must not happen, and what the operator can do about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub why: String,
-    pub fix: String,
-}
-
 #[derive(Debug)]
 pub enum Outcome {
     Restored {
@@ -106,31 +99,26 @@ fn judge_state(
 
 /// A refusal about a start whose state is corrupt says so: the corrupt
 /// state stays in place, and the VM will not start with it.
-fn says_corrupt(corrupt: Option<&Corrupt>, mut r: Refusal) -> Refusal {
-    if let Some(c) = corrupt {
-        r.why = format!(
-            "libvirt's TPM state at {} is corrupt ({}) and stays as it is: {}",
+fn says_corrupt(corrupt: Option<&Corrupt>, r: Error) -> Error {
+    match corrupt {
+        Some(c) => r.context(format_args!(
+            "libvirt's TPM state at {} is corrupt ({}) and stays as it is",
             c.path.display(),
-            c.why,
-            r.why
-        );
+            c.why
+        )),
+        None => r,
     }
-    r
 }
 
-fn io_refusal(e: Error) -> Refusal {
-    Refusal {
-        why: e.to_string(),
-        fix: "fix the cause and start the VM again; the stored states are untouched".into(),
-    }
+fn io_refusal(e: Error) -> Error {
+    Error::refused(
+        e.to_string(),
+        "fix the cause and start the VM again; the stored states are untouched",
+    )
 }
 
 /// The hook's restore at `prepare begin`.
-pub fn at_prepare(
-    cfg: &Config,
-    domain: &Domain,
-    tpm: &Tpm,
-) -> std::result::Result<Outcome, Refusal> {
+pub fn at_prepare(cfg: &Config, domain: &Domain, tpm: &Tpm) -> Result<Outcome> {
     if cfg.restore == RestoreAtPrepare::Off {
         return Ok(Outcome::Nothing("restore = \"off\"".into()));
     }
@@ -203,13 +191,12 @@ pub fn at_prepare(
     })
 }
 
-fn evidence_refusal(e: Error) -> Refusal {
-    Refusal {
-        why: format!("cannot keep it in the store as evidence: {e}"),
-        fix: "free space in the store and start the VM again (or move the corrupt state aside by \
-              hand: then it counts as lost, and the newest good generation is put back)"
-            .into(),
-    }
+fn evidence_refusal(e: Error) -> Error {
+    Error::refused(
+        format!("cannot keep it in the store as evidence: {e}"),
+        "free space in the store and start the VM again (or move the corrupt state aside by \
+              hand: then it counts as lost, and the newest good generation is put back)",
+    )
 }
 
 /// The newest generation that verifies, and the newer ones that did not.
@@ -217,21 +204,21 @@ pub fn newest_good(
     vm: &VmStore,
     gens: &[String],
     max: u64,
-) -> std::result::Result<(Loaded, Vec<(String, String)>), Refusal> {
+) -> Result<(Loaded, Vec<(String, String)>)> {
     let mut skipped = Vec::new();
     for g in gens.iter().rev() {
         match vm.load_verified(g, max) {
             Ok(l) => return Ok((l, skipped)),
-            Err(why) => skipped.push((g.clone(), why)),
+            Err(why) => skipped.push((g.clone(), why.to_string())),
         }
     }
     let list: Vec<String> = skipped.iter().map(|(g, w)| format!("{g}: {w}")).collect();
-    Err(Refusal {
-        why: format!(
+    Err(Error::refused(
+        format!(
             "no stored generation passes verification ({})",
             list.join("; ")
         ),
-        fix: format!(
+        format!(
             "inspect them with `swtpm-keeper verify {}` (in {})",
             vm.dir()
                 .file_name()
@@ -239,7 +226,7 @@ pub fn newest_good(
                 .unwrap_or_default(),
             vm.dir().display()
         ),
-    })
+    ))
 }
 
 /// The rules that make a stored state wrong for this start.
@@ -249,7 +236,7 @@ pub fn check_rules(
     domain: &Domain,
     tpm: &Tpm,
     loc: &StateLocation,
-) -> std::result::Result<(), Refusal> {
+) -> Result<()> {
     let m = &gen.manifest;
     let which = format!(
         "generation {} (captured {} on {} at {})",
@@ -261,43 +248,37 @@ pub fn check_rules(
     );
     let migrated_at = marks::migrated_away(vm, &gen.name);
     if m.reason == "migrated" || migrated_at.is_some() {
-        return Err(Refusal {
-            why: format!("{which} was taken when the VM migrated to another host: its TPM lives on there and this copy is stale"),
-            fix: force,
-        });
+        return Err(Error::refused(format!("{which} was taken when the VM migrated to another host: its TPM lives on there and this copy is stale"), force));
     }
     if m.tpm.version != tpm.version {
-        return Err(Refusal {
-            why: format!(
+        return Err(Error::refused(
+            format!(
                 "{which} is a TPM {} state but the domain now has a TPM {}",
                 m.tpm.version, tpm.version
             ),
-            fix: force,
-        });
+            force,
+        ));
     }
     if m.tpm.encryption_secret != tpm.encryption_secret {
         let show = |s: &Option<String>| s.clone().unwrap_or_else(|| "none".into());
-        return Err(Refusal {
-            why: format!(
+        return Err(Error::refused(format!(
                 "{which} is encrypted with libvirt secret {} but the domain now uses {}: swtpm could not open it",
                 show(&m.tpm.encryption_secret),
                 show(&tpm.encryption_secret)
-            ),
-            fix: format!(
+            ), format!(
                 "define secret {} again with its old value (virsh secret-define, secret-set-value) and point <encryption secret=...> at it",
                 show(&m.tpm.encryption_secret)
-            ),
-        });
+            )));
     }
     if m.tpm.state_type != loc.kind() {
-        return Err(Refusal {
-            why: format!(
+        return Err(Error::refused(
+            format!(
                 "{which} holds a '{}' state but the domain keeps a '{}' state",
                 m.tpm.state_type,
                 loc.kind()
             ),
-            fix: force,
-        });
+            force,
+        ));
     }
     Ok(())
 }

@@ -491,7 +491,7 @@ impl Loaded {
 }
 
 /// Verify the generation directory `dir`; the error says what is wrong.
-pub fn load_verified(dir: &Path, max: u64) -> std::result::Result<Loaded, String> {
+pub fn load_verified(dir: &Path, max: u64) -> Result<Loaded> {
     load_verified_knowing(dir, max, &[])
 }
 
@@ -500,33 +500,35 @@ pub type Known<'a> = (&'a str, &'a str, &'a [u8]);
 
 /// The same, where a stored file equal to its `known` bytes (with the same
 /// checksum) is not hashed again: the capture's "nothing changed" check.
-pub fn load_verified_knowing(
-    dir: &Path,
-    max: u64,
-    known: &[Known],
-) -> std::result::Result<Loaded, String> {
+pub fn load_verified_knowing(dir: &Path, max: u64, known: &[Known]) -> Result<Loaded> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let read = |n: &str| -> std::result::Result<Vec<u8>, String> {
+    let read = |n: &str| -> Result<Vec<u8>> {
         let p = dir.join(n);
-        let md = std::fs::symlink_metadata(&p).map_err(|e| format!("{n}: {e}"))?;
+        let md = std::fs::symlink_metadata(&p).map_err(|e| Error::failed(format!("{n}: {e}")))?;
         if !md.is_file() {
-            return Err(format!("{n}: not a regular file"));
+            return Err(Error::failed(format!("{n}: not a regular file")));
         }
         if md.len() > max {
-            return Err(format!("{n}: {} bytes is over max_file_size", md.len()));
+            return Err(Error::failed(format!(
+                "{n}: {} bytes is over max_file_size",
+                md.len()
+            )));
         }
-        std::fs::read(&p).map_err(|e| format!("{n}: {e}"))
+        std::fs::read(&p).map_err(|e| Error::failed(format!("{n}: {e}")))
     };
     let sums_text = read(manifest::SUMS)?;
     let sums = manifest::parse_sums(&String::from_utf8_lossy(&sums_text))
-        .map_err(|e| format!("{}: {e}", manifest::SUMS))?;
+        .map_err(|e| Error::failed(format!("{}: {e}", manifest::SUMS)))?;
     let mut files = Vec::with_capacity(sums.len());
     for (n, hex) in &sums {
         if n.starts_with('.') {
-            return Err(format!("{}: unexpected name {n:?}", manifest::SUMS));
+            return Err(Error::failed(format!(
+                "{}: unexpected name {n:?}",
+                manifest::SUMS
+            )));
         }
         let bytes = read(n)?;
         let sum_ok = match known.iter().find(|(k, h, _)| k == n && h == hex) {
@@ -534,7 +536,7 @@ pub fn load_verified_knowing(
             None => &manifest::sha256_hex(&bytes) == hex,
         };
         if !sum_ok {
-            return Err(format!("{n}: checksum mismatch"));
+            return Err(Error::failed(format!("{n}: checksum mismatch")));
         }
         files.push((n.clone(), bytes));
     }
@@ -542,8 +544,15 @@ pub fn load_verified_knowing(
         .iter()
         .find(|(n, _)| n == manifest::MANIFEST)
         .map(|(_, b)| b)
-        .ok_or_else(|| format!("{} does not list {}", manifest::SUMS, manifest::MANIFEST))?;
-    let m = Manifest::from_json(mbytes).map_err(|e| format!("{}: {e}", manifest::MANIFEST))?;
+        .ok_or_else(|| {
+            Error::failed(format!(
+                "{} does not list {}",
+                manifest::SUMS,
+                manifest::MANIFEST
+            ))
+        })?;
+    let m = Manifest::from_json(mbytes)
+        .map_err(|e| Error::failed(format!("{}: {e}", manifest::MANIFEST)))?;
     check_manifest_files(&m, &sums, &files)?;
     Ok(Loaded {
         name,
@@ -558,23 +567,23 @@ fn check_manifest_files(
     m: &Manifest,
     sums: &[(String, String)],
     files: &[(String, Vec<u8>)],
-) -> std::result::Result<(), String> {
+) -> Result<()> {
     for f in &m.files {
         match sums.iter().find(|(n, _)| n == &f.name) {
             Some((_, hex)) if hex == &f.sha256 => {}
             Some(_) => {
-                return Err(format!(
+                return Err(Error::failed(format!(
                     "{}: manifest and {} disagree",
                     f.name,
                     manifest::SUMS
-                ))
+                )))
             }
             None => {
-                return Err(format!(
+                return Err(Error::failed(format!(
                     "{}: listed in the manifest but not in {}",
                     f.name,
                     manifest::SUMS
-                ))
+                )))
             }
         }
         if f.role == Role::Tpm {
@@ -584,17 +593,17 @@ fn check_manifest_files(
                 .expect("checked above")
                 .1;
             crate::swtpm::check_file(m.tpm.version, &f.name, bytes)
-                .map_err(|why| format!("{}: {why}", f.name))?;
+                .map_err(|why| Error::failed(format!("{}: {why}", f.name)))?;
         }
     }
     if !m.files.iter().any(|f| f.role == Role::Tpm) {
-        return Err("the manifest lists no TPM state file".into());
+        return Err(Error::failed("the manifest lists no TPM state file"));
     }
     Ok(())
 }
 
 impl VmStore {
-    pub fn load_verified(&self, generation: &str, max: u64) -> std::result::Result<Loaded, String> {
+    pub fn load_verified(&self, generation: &str, max: u64) -> Result<Loaded> {
         load_verified(&self.dir.join(generation), max)
     }
 
@@ -603,7 +612,7 @@ impl VmStore {
         generation: &str,
         max: u64,
         known: &[Known],
-    ) -> std::result::Result<Loaded, String> {
+    ) -> Result<Loaded> {
         load_verified_knowing(&self.dir.join(generation), max, known)
     }
 

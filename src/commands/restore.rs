@@ -61,7 +61,7 @@ pub fn run(
         })?,
         None => {
             let (l, skipped) = putback::newest_good(&vm, &gens, cfg.max_file_size)
-                .map_err(|r| Error::failed(format!("{}; nothing restored", r.why)))?;
+                .map_err(|r| Error::failed(format!("{r}; nothing restored")))?;
             for (g, why) in skipped {
                 log::warn!(
                     "generation {g} fails verification ({why}); using {}",
@@ -108,14 +108,12 @@ pub fn run(
     if let Err(r) = putback::check_rules(&vm, &gen, &domain, &tpm, &loc) {
         if !force {
             return Err(Error::failed(format!(
-                "refusing: {}. Add --force to restore it anyway",
-                r.why
+                "refusing: {r}. Add --force to restore it anyway"
             )));
         }
         log::warn!(
-            "vm={} uuid={uuid}: restoring despite: {} (--force)",
-            domain.name,
-            r.why
+            "vm={} uuid={uuid}: restoring despite: {r} (--force)",
+            domain.name
         );
     }
 

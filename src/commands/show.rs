@@ -69,7 +69,7 @@ pub fn run(
 
     let (protections, protection_error) = match marks::protections(&vm) {
         Ok(p) => (p, None),
-        Err(e) => (Vec::new(), Some(e)),
+        Err(e) => (Vec::new(), Some(e.to_string())),
     };
     let mut list = Vec::new();
     for g in gens.iter().rev() {
@@ -96,7 +96,7 @@ pub fn run(
         .map(|e| {
             let (record, error) = match vm.load_evidence(&e) {
                 Ok(r) => (Some(r), None),
-                Err(why) => (None, Some(why)),
+                Err(why) => (None, Some(why.to_string())),
             };
             EvidenceJson {
                 path: vm.dir().join(&e).display().to_string(),
