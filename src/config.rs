@@ -4,7 +4,6 @@
 //! (libvirt passes neither to hooks, so this is for tests and the CLI).
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -113,54 +112,61 @@ impl Default for Config {
     }
 }
 
-/// The file named by `--config`, set once by `main`.
-static NAMED: OnceLock<PathBuf> = OnceLock::new();
-
-/// Use `path` for this run (`--config`); it wins over the environment.
-pub fn set_path(path: PathBuf) {
-    let _ = NAMED.set(path);
+/// Where this run's configuration comes from: the file `--config` named,
+/// else `$SWTPM_KEEPER_CONFIG`, else the default. `main` makes it from the
+/// command line and passes it down; loading waits until there is work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub path: PathBuf,
+    /// Named by `--config`: then the file must exist.
+    pub named: bool,
 }
 
-/// The file to read: `--config`, else `$SWTPM_KEEPER_CONFIG`, else the default.
-pub fn path() -> PathBuf {
-    if let Some(p) = NAMED.get() {
-        return p.clone();
+impl Source {
+    /// `named`: the file `--config` named, which wins over the environment.
+    pub fn new(named: Option<PathBuf>) -> Source {
+        match named {
+            Some(path) => Source { path, named: true },
+            None => Source {
+                path: match std::env::var_os(ENV_VAR) {
+                    Some(p) if !p.is_empty() => PathBuf::from(p),
+                    _ => PathBuf::from(DEFAULT_PATH),
+                },
+                named: false,
+            },
+        }
     }
-    match std::env::var_os(ENV_VAR) {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(DEFAULT_PATH),
-    }
-}
 
-/// Load the file `path()` names. A missing default file means the defaults,
-/// but a file named with `--config` must exist: a typo there would
-/// otherwise act on the default store unnoticed.
-pub fn load_current() -> Result<Config> {
-    let p = path();
-    if NAMED.get().is_none() {
-        return Config::load(&p);
+    /// Load the file. A missing default file means the defaults, but a
+    /// file named with `--config` must exist: a typo there would otherwise
+    /// act on the default store unnoticed.
+    pub fn load(&self) -> Result<Config> {
+        let p = &self.path;
+        if !self.named {
+            return Config::load(p);
+        }
+        // Read it once, so that neither a dangling link nor a file removed
+        // meanwhile can turn into the defaults.
+        let text = std::fs::read_to_string(p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::usage(format!(
+                "configuration {} (named by --config) does not exist",
+                p.display()
+            )),
+            _ => Error::io("read configuration", p, e),
+        })?;
+        Config::parse(&text).map_err(|e| e.context(format!("configuration {}", p.display())))
     }
-    // Read it once, so that neither a dangling link nor a file removed
-    // meanwhile can turn into the defaults.
-    let text = std::fs::read_to_string(&p).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::usage(format!(
-            "configuration {} (named by --config) does not exist",
-            p.display()
-        )),
-        _ => Error::io("read configuration", &p, e),
-    })?;
-    Config::parse(&text).map_err(|e| e.context(format!("configuration {}", p.display())))
-}
 
-/// With `--config`, the named file must exist: an error for commands that
-/// otherwise report a bad configuration and go on with the defaults.
-pub fn require_named() -> Result<()> {
-    match NAMED.get() {
-        Some(p) if std::fs::metadata(p).is_err() => Err(Error::usage(format!(
-            "configuration {} (named by --config) does not exist",
-            p.display()
-        ))),
-        _ => Ok(()),
+    /// With `--config`, the named file must exist: an error for commands
+    /// that otherwise report a bad configuration and go on with the defaults.
+    pub fn require_named(&self) -> Result<()> {
+        if self.named && std::fs::metadata(&self.path).is_err() {
+            return Err(Error::usage(format!(
+                "configuration {} (named by --config) does not exist",
+                self.path.display()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -290,6 +296,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("loud"), "{e}");
+    }
+
+    #[test]
+    fn a_file_named_by_config_must_exist_where_the_default_may_be_missing() {
+        let missing = PathBuf::from("/nonexistent/swtpm-keeper-test.conf");
+        let named = Source::new(Some(missing.clone()));
+        assert_eq!(named.path, missing);
+        let e = named.load().unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::Usage);
+        assert!(e.to_string().contains("named by --config"), "{e}");
+        assert!(named.require_named().is_err());
+        let default = Source {
+            path: missing,
+            named: false,
+        };
+        assert!(default.load().is_ok());
+        assert!(default.require_named().is_ok());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::path::{Component, Path};
 use std::io::Write;
 
 use crate::capture::{self, Event, Outcome};
-use crate::config::{self, Config, OnRefusal};
+use crate::config::{self, Config, OnRefusal, Source};
 use crate::domain::{Domain, Tpm, MAX_XML_BYTES};
 use crate::logging;
 use crate::marks;
@@ -85,12 +85,12 @@ pub fn action(op: &str, sub_op: &str) -> Action {
 }
 
 /// Run the hook; returns the exit code for libvirt.
-pub fn run(args: &HookArgs, stdin: &mut dyn Read) -> i32 {
+pub fn run(args: &HookArgs, source: &Source, stdin: &mut dyn Read) -> i32 {
     let action = action(&args.op, &args.sub_op);
     if action == Action::Ignore {
         return 0;
     }
-    let Some(job) = Job::prepare(args, stdin) else {
+    let Some(job) = Job::prepare(args, source, stdin) else {
         return 0;
     };
     match action {
@@ -119,8 +119,8 @@ fn read_input(stdin: &mut dyn Read) -> Result<Vec<u8>, String> {
 
 /// Load the configuration and point logging at it. Only called once there
 /// is work (or an error worth logging).
-fn load_config() -> Result<Config, String> {
-    let cfg = config::load_current().map_err(|e| e.to_string())?;
+fn load_config(source: &Source) -> crate::error::Result<Config> {
+    let cfg = source.load()?;
     logging::configure(cfg.syslog_socket.clone(), cfg.log_level.filter());
     Ok(cfg)
 }
@@ -133,6 +133,8 @@ struct Job<'a> {
     domain: Domain,
     tpm: Tpm,
     cfg: Config,
+    /// Where `cfg` came from, for the operator.
+    source: &'a Source,
     /// "vm=NAME uuid=UUID event=OP/SUB reason=EXTRA", for every log line.
     who: String,
 }
@@ -140,11 +142,11 @@ struct Job<'a> {
 impl<'a> Job<'a> {
     /// Read and check the input. None when there is nothing to do, or
     /// when it cannot be done (then the reason is logged).
-    fn prepare(args: &'a HookArgs, stdin: &mut dyn Read) -> Option<Job<'a>> {
+    fn prepare(args: &'a HookArgs, source: &'a Source, stdin: &mut dyn Read) -> Option<Job<'a>> {
         let ev = format!("{}/{}", args.op, args.sub_op);
         let fail = |what: String| -> Option<Job<'a>> {
             // Point logging at the configured socket if the file is readable.
-            let _ = load_config();
+            let _ = load_config(source);
             log::error!("vm={} event={ev}: {what}; nothing done", args.name);
             None
         };
@@ -177,7 +179,7 @@ impl<'a> Job<'a> {
             "vm={} uuid={} event={ev} reason={}",
             domain.name, domain.uuid, args.extra
         );
-        let cfg = match load_config() {
+        let cfg = match load_config(source) {
             Ok(c) => c,
             Err(e) => {
                 log::error!("{who}: {e}; nothing done: fix the configuration");
@@ -190,6 +192,7 @@ impl<'a> Job<'a> {
             domain,
             tpm,
             cfg,
+            source,
             who,
         })
     }
@@ -399,7 +402,7 @@ impl<'a> Job<'a> {
                         logging::sanitize(&self.domain.name),
                         r,
                         fix,
-                        config::path().display()
+                        self.source.path.display()
                     );
                     return 1;
                 }

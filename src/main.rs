@@ -4,9 +4,10 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use swtpm_keeper::cli::{self, Command};
+use swtpm_keeper::cli::{self, Command, Invocation};
+use swtpm_keeper::config::Source;
 use swtpm_keeper::error::{Kind, Result};
-use swtpm_keeper::{commands, config, hook, logging};
+use swtpm_keeper::{commands, hook, logging};
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os();
@@ -14,20 +15,24 @@ fn main() -> ExitCode {
     let args: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
 
     // Installed as a libvirt hook, argv is libvirt's; else it is ours.
-    let cmd = if hook::invoked_as_hook(Path::new(&argv0)) {
-        Ok(Command::Hook(hook::HookArgs::from_args(&args)))
-    } else {
-        cli::parse_invocation(&args).map(|inv| {
-            if let Some(p) = inv.config {
-                config::set_path(p);
-            }
-            inv.command
+    let inv = if hook::invoked_as_hook(Path::new(&argv0)) {
+        Ok(Invocation {
+            command: Command::Hook(hook::HookArgs::from_args(&args)),
+            config: None,
         })
+    } else {
+        cli::parse_invocation(&args)
     };
     // The hook logs to syslog only; the CLI also shows warnings on stderr.
-    logging::init(!matches!(cmd, Ok(Command::Hook(_))));
+    logging::init(!matches!(
+        inv,
+        Ok(Invocation {
+            command: Command::Hook(_),
+            ..
+        })
+    ));
 
-    match cmd.and_then(dispatch) {
+    match inv.and_then(|inv| dispatch(inv.command, &Source::new(inv.config))) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "swtpm-keeper: {e}");
@@ -39,8 +44,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Run one command; Ok carries the exit code.
-fn dispatch(cmd: Command) -> Result<i32> {
+/// Run one command; Ok carries the exit code. The hook and `check` load
+/// the configuration themselves (the hook only once there is work, `check`
+/// reporting a broken file as a finding); the other commands need it valid.
+fn dispatch(cmd: Command, source: &Source) -> Result<i32> {
+    let cfg = || commands::load_config(source);
+    let out = || std::io::stdout().lock();
     match cmd {
         Command::Help(text) => {
             print!("{text}");
@@ -50,41 +59,32 @@ fn dispatch(cmd: Command) -> Result<i32> {
             println!("swtpm-keeper {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
         }
-        Command::Hook(h) => Ok(hook::run(&h, &mut std::io::stdin().lock())),
-        Command::Check => commands::check::run(&mut std::io::stdout().lock()),
-        cmd => {
-            let cfg = commands::load_config()?;
-            let out = &mut std::io::stdout().lock();
-            match cmd {
-                Command::List { json } => commands::list::run(&cfg, json, out),
-                Command::Show { vm, json, xml } => commands::show::run(&cfg, &vm, json, xml, out),
-                Command::Verify { vms } => commands::verify::run(&cfg, &vms, out),
-                Command::Restore {
-                    vm,
-                    generation,
-                    force,
-                } => commands::restore::run(&cfg, &vm, generation.as_deref(), force, out),
-                Command::Prune {
-                    keep,
-                    older_than_days,
-                    vms,
-                    generations,
-                    dry_run,
-                } => {
-                    let req = commands::prune::Request {
-                        keep,
-                        older_than_days,
-                        vms: &vms,
-                        generations: &generations,
-                        dry_run,
-                    };
-                    commands::prune::run(&cfg, &req, out)
-                }
-                Command::Capture { vms, all } => commands::capture::run(&cfg, &vms, all, out),
-                Command::Help(_) | Command::Version | Command::Hook(_) | Command::Check => {
-                    unreachable!()
-                }
-            }
+        Command::Hook(h) => Ok(hook::run(&h, source, &mut std::io::stdin().lock())),
+        Command::Check => commands::check::run(source, &mut out()),
+        Command::List { json } => commands::list::run(&cfg()?, json, &mut out()),
+        Command::Show { vm, json, xml } => commands::show::run(&cfg()?, &vm, json, xml, &mut out()),
+        Command::Verify { vms } => commands::verify::run(&cfg()?, &vms, &mut out()),
+        Command::Restore {
+            vm,
+            generation,
+            force,
+        } => commands::restore::run(&cfg()?, &vm, generation.as_deref(), force, &mut out()),
+        Command::Prune {
+            keep,
+            older_than_days,
+            vms,
+            generations,
+            dry_run,
+        } => {
+            let req = commands::prune::Request {
+                keep,
+                older_than_days,
+                vms: &vms,
+                generations: &generations,
+                dry_run,
+            };
+            commands::prune::run(&cfg()?, &req, &mut out())
         }
+        Command::Capture { vms, all } => commands::capture::run(&cfg()?, &vms, all, &mut out()),
     }
 }

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::config::{self, Config};
+use crate::config::{Config, Source};
 use crate::error::{Error, Result};
 use crate::logging::sanitize;
 use crate::qemuconf::{self, QemuConf};
@@ -154,10 +154,10 @@ type Finding = (Level, String);
 
 /// The configuration, and how it reads. A broken file is a finding, and
 /// the checks that follow use the defaults.
-fn check_config() -> Result<(Config, Finding)> {
-    config::require_named()?;
-    let path = config::path();
-    Ok(match config::load_current() {
+fn check_config(source: &Source) -> Result<(Config, Finding)> {
+    source.require_named()?;
+    let path = &source.path;
+    Ok(match source.load() {
         Ok(c) => {
             let state = if path.exists() {
                 "is valid"
@@ -411,9 +411,9 @@ fn check_owners(qemu_conf: &Path) -> Vec<Finding> {
     .collect()
 }
 
-pub fn run(out: &mut dyn Write) -> Result<i32> {
+pub fn run(source: &Source, out: &mut dyn Write) -> Result<i32> {
     let mut r = Report { out, fixes: 0 };
-    let (cfg, config_line) = check_config()?;
+    let (cfg, config_line) = check_config(source)?;
     let mut findings = vec![config_line];
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
