@@ -182,107 +182,20 @@ fn abs_path(what: &str, p: &str) -> Result<PathBuf> {
 
 impl Domain {
     pub fn parse(xml: &[u8]) -> Result<Domain> {
-        if xml.len() > MAX_XML_BYTES {
-            return Err(Error::failed(format!(
-                "domain XML is {} bytes, over the limit of {MAX_XML_BYTES}",
-                xml.len()
-            )));
-        }
-        let text = std::str::from_utf8(xml)
-            .map_err(|e| Error::failed(format!("domain XML is not UTF-8: {e}")))?;
-        if text.contains("<!DOCTYPE") || text.contains("<!ENTITY") {
-            // libvirt never emits a DTD; refusing it rules out entity tricks.
-            return Err(Error::failed(
-                "domain XML has a DOCTYPE; libvirt never sends one",
-            ));
-        }
-        let d: XDomain = quick_xml::de::from_str(text)
-            .map_err(|e| Error::failed(format!("cannot read domain XML: {e}")))?;
-
-        let name = d
-            .name
-            .ok_or_else(|| Error::failed("domain XML has no <name>"))?;
-        let name = name.trim().to_owned();
-        // XML 1.0 forbids these characters; quick-xml does not check.
-        let forbidden = |c: char| c < ' ' && !matches!(c, '\t' | '\n' | '\r');
-        if name.is_empty() || name.contains('/') || name.len() > 1024 || name.chars().any(forbidden)
-        {
-            return Err(Error::failed(format!(
-                "domain XML has an unusable <name> {name:?}"
-            )));
-        }
+        let d = read_xml(xml)?;
+        let name = name_of(d.name)?;
         let raw_uuid = d
             .uuid
             .ok_or_else(|| Error::failed("domain XML has no <uuid>"))?;
         let uuid = normalize_uuid(&raw_uuid).ok_or_else(|| {
             Error::failed(format!("domain XML has an invalid <uuid> {raw_uuid:?}"))
         })?;
-
-        let mut tpm = None;
-        for t in d.devices.map(|d| d.tpm).unwrap_or_default() {
-            let Some(b) = t.backend else { continue };
-            if b.kind.as_deref() != Some("emulator") {
-                // passthrough/external TPMs keep no state libvirt manages.
-                continue;
-            }
-            let version = match b.version.as_deref() {
-                Some(v) => TpmVersion::parse(v.trim()).ok_or_else(|| {
-                    Error::failed(format!("emulator TPM has unknown version {v:?}"))
-                })?,
-                None => {
-                    return Err(Error::failed(
-                        "emulator TPM has no version attribute (libvirt always sets one)",
-                    ))
-                }
-            };
-            let encryption_secret = match b.encryption.and_then(|e| e.secret) {
-                Some(s) => Some(normalize_uuid(&s).ok_or_else(|| {
-                    Error::failed(format!("TPM encryption secret {s:?} is not a UUID"))
-                })?),
-                None => None,
-            };
-            let source = match b.source {
-                None => None,
-                Some(s) => {
-                    let path = s
-                        .path
-                        .ok_or_else(|| Error::failed("TPM <source> has no path"))?;
-                    match s.kind.as_deref() {
-                        Some("dir") => Some(StateSource::Dir(abs_path("TPM state", &path)?)),
-                        Some("file") => Some(StateSource::File(abs_path("TPM state", &path)?)),
-                        other => {
-                            return Err(Error::failed(format!(
-                                "TPM <source> has unknown type {other:?}"
-                            )))
-                        }
-                    }
-                }
-            };
-            if tpm.is_some() {
-                return Err(Error::failed("domain XML has more than one emulator TPM"));
-            }
-            tpm = Some(Tpm {
-                model: t.model.unwrap_or_default(),
-                version,
-                encryption_secret,
-                source,
-            });
-        }
-
-        let (mut nvram, mut nvram_template) = (None, None);
+        let tpm = emulator_tpm(d.devices.map(|d| d.tpm).unwrap_or_default())?;
         let firmware = d.os.as_ref().and_then(|o| o.firmware.clone());
-        if let Some(n) = d.os.and_then(|o| o.nvram) {
-            nvram_template = n.template;
-            let file = match n.kind.as_deref() {
-                None | Some("file") => n.source.and_then(|s| s.file).or(n.text),
-                // network-backed NVRAM is not a file we can keep
-                Some(_) => None,
-            };
-            if let Some(f) = file.filter(|f| !f.trim().is_empty()) {
-                nvram = Some(abs_path("NVRAM", &f)?);
-            }
-        }
-
+        let (nvram, nvram_template) = match d.os.and_then(|o| o.nvram) {
+            Some(n) => nvram_of(n)?,
+            None => (None, None),
+        };
         Ok(Domain {
             name,
             uuid,
@@ -292,6 +205,105 @@ impl Domain {
             firmware,
         })
     }
+}
+
+/// The document, once it is known to be one libvirt could have sent.
+fn read_xml(xml: &[u8]) -> Result<XDomain> {
+    if xml.len() > MAX_XML_BYTES {
+        return Err(Error::failed(format!(
+            "domain XML is {} bytes, over the limit of {MAX_XML_BYTES}",
+            xml.len()
+        )));
+    }
+    let text = std::str::from_utf8(xml)
+        .map_err(|e| Error::failed(format!("domain XML is not UTF-8: {e}")))?;
+    if text.contains("<!DOCTYPE") || text.contains("<!ENTITY") {
+        // libvirt never emits a DTD; refusing it rules out entity tricks.
+        return Err(Error::failed(
+            "domain XML has a DOCTYPE; libvirt never sends one",
+        ));
+    }
+    quick_xml::de::from_str(text).map_err(|e| Error::failed(format!("cannot read domain XML: {e}")))
+}
+
+/// The <name>, usable in file names and log lines.
+fn name_of(name: Option<String>) -> Result<String> {
+    let name = name.ok_or_else(|| Error::failed("domain XML has no <name>"))?;
+    let name = name.trim().to_owned();
+    // XML 1.0 forbids these characters; quick-xml does not check.
+    let forbidden = |c: char| c < ' ' && !matches!(c, '\t' | '\n' | '\r');
+    if name.is_empty() || name.contains('/') || name.len() > 1024 || name.chars().any(forbidden) {
+        return Err(Error::failed(format!(
+            "domain XML has an unusable <name> {name:?}"
+        )));
+    }
+    Ok(name)
+}
+
+/// The one emulator TPM among the <tpm> devices, if any.
+fn emulator_tpm(devices: Vec<XTpm>) -> Result<Option<Tpm>> {
+    let mut tpm = None;
+    for t in devices {
+        let Some(b) = t.backend else { continue };
+        if b.kind.as_deref() != Some("emulator") {
+            // passthrough/external TPMs keep no state libvirt manages.
+            continue;
+        }
+        let version = match b.version.as_deref() {
+            Some(v) => TpmVersion::parse(v.trim())
+                .ok_or_else(|| Error::failed(format!("emulator TPM has unknown version {v:?}")))?,
+            None => {
+                return Err(Error::failed(
+                    "emulator TPM has no version attribute (libvirt always sets one)",
+                ))
+            }
+        };
+        let encryption_secret = match b.encryption.and_then(|e| e.secret) {
+            Some(s) => Some(normalize_uuid(&s).ok_or_else(|| {
+                Error::failed(format!("TPM encryption secret {s:?} is not a UUID"))
+            })?),
+            None => None,
+        };
+        let source = b.source.map(state_source).transpose()?;
+        if tpm.is_some() {
+            return Err(Error::failed("domain XML has more than one emulator TPM"));
+        }
+        tpm = Some(Tpm {
+            model: t.model.unwrap_or_default(),
+            version,
+            encryption_secret,
+            source,
+        });
+    }
+    Ok(tpm)
+}
+
+/// Where a TPM's <source> (libvirt 10.10+) keeps the state.
+fn state_source(s: XSource) -> Result<StateSource> {
+    let path = s
+        .path
+        .ok_or_else(|| Error::failed("TPM <source> has no path"))?;
+    match s.kind.as_deref() {
+        Some("dir") => Ok(StateSource::Dir(abs_path("TPM state", &path)?)),
+        Some("file") => Ok(StateSource::File(abs_path("TPM state", &path)?)),
+        other => Err(Error::failed(format!(
+            "TPM <source> has unknown type {other:?}"
+        ))),
+    }
+}
+
+/// The UEFI vars file <nvram> names, if it is a file, and its template.
+fn nvram_of(n: XNvram) -> Result<(Option<PathBuf>, Option<String>)> {
+    let file = match n.kind.as_deref() {
+        None | Some("file") => n.source.and_then(|s| s.file).or(n.text),
+        // network-backed NVRAM is not a file we can keep
+        Some(_) => None,
+    };
+    let nvram = match file.filter(|f| !f.trim().is_empty()) {
+        Some(f) => Some(abs_path("NVRAM", &f)?),
+        None => None,
+    };
+    Ok((nvram, n.template))
 }
 
 #[cfg(test)]

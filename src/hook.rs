@@ -16,6 +16,7 @@ use std::io::Write;
 use crate::capture::{self, Event, Outcome};
 use crate::config::{self, Config, OnRefusal, Source};
 use crate::domain::{Domain, Tpm, MAX_XML_BYTES};
+use crate::error::Error;
 use crate::logging;
 use crate::marks;
 use crate::putback::{self, NvramOutcome, Outcome as PutBackOutcome};
@@ -382,34 +383,39 @@ impl<'a> Job<'a> {
                 log::debug!("{who}: nothing to restore: {why}");
                 0
             }
-            Err(r) => {
-                let fix = r.fix().unwrap_or_default();
-                let abort = self.cfg.on_refusal == OnRefusal::Abort;
-                let then = if abort {
-                    "the start is aborted (on_refusal = \"abort\")"
-                } else {
-                    "libvirt starts it with a new TPM (on_refusal = \"continue\")"
-                };
-                log::error!(
-                    "{who}: TPM state NOT restored: {}; {then}. To fix: {}",
-                    r,
-                    fix
-                );
-                if abort {
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "swtpm-keeper: refusing to start {} with a new TPM: {}. To fix: {}. (Or set on_refusal = \"continue\" in {} to start with a new TPM.)",
-                        logging::sanitize(&self.domain.name),
-                        r,
-                        fix,
-                        self.source.path.display()
-                    );
-                    return 1;
-                }
-                self.protect_refused(&r.to_string());
-                0
-            }
+            Err(r) => self.refused(&r),
         }
+    }
+
+    /// A restore that must not happen: say why and what to do; abort the
+    /// start, or let it go on with a new TPM and protect the refused state.
+    fn refused(&self, r: &Error) -> i32 {
+        let who = &self.who;
+        let fix = r.fix().unwrap_or_default();
+        let abort = self.cfg.on_refusal == OnRefusal::Abort;
+        let then = if abort {
+            "the start is aborted (on_refusal = \"abort\")"
+        } else {
+            "libvirt starts it with a new TPM (on_refusal = \"continue\")"
+        };
+        log::error!(
+            "{who}: TPM state NOT restored: {}; {then}. To fix: {}",
+            r,
+            fix
+        );
+        if abort {
+            let _ = writeln!(
+                std::io::stderr(),
+                "swtpm-keeper: refusing to start {} with a new TPM: {}. To fix: {}. (Or set on_refusal = \"continue\" in {} to start with a new TPM.)",
+                logging::sanitize(&self.domain.name),
+                r,
+                fix,
+                self.source.path.display()
+            );
+            return 1;
+        }
+        self.protect_refused(&r.to_string());
+        0
     }
 
     /// The VM starts with a new TPM: keep the refused state from being
