@@ -585,7 +585,7 @@ fn build_manifest(
     let now = unix_now();
     Manifest {
         format: manifest::FORMAT,
-        uuid: domain.uuid.clone(),
+        uuid: domain.uuid.to_string(),
         name: domain.name.clone(),
         event: event.op.clone(),
         sub_event: event.sub_op.clone(),

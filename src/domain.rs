@@ -72,7 +72,7 @@ pub struct Tpm {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Domain {
     pub name: String,
-    pub uuid: String,
+    pub uuid: Uuid,
     /// The emulator TPM, if the domain has one.
     pub tpm: Option<Tpm>,
     /// The UEFI variable store (`<os><nvram>`), when it is a local file.
@@ -154,20 +154,70 @@ struct XSource {
     path: Option<String>,
 }
 
-/// libvirt prints UUIDs in lower case 8-4-4-4-12 form; anything else is
-/// refused, which also keeps `/` and `..` out of store paths.
-pub fn valid_uuid(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, &c)| match i {
-            8 | 13 | 18 | 23 => c == b'-',
-            _ => c.is_ascii_hexdigit(),
-        })
+/// A VM's UUID, as libvirt prints it: 8-4-4-4-12 hex digits. It can only
+/// be built valid, which also keeps `/` and `..` out of the store paths
+/// made from it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Uuid(String);
+
+impl Uuid {
+    /// `s` as it is, if it is a UUID (the name of a store directory).
+    pub fn new(s: &str) -> Option<Uuid> {
+        let b = s.as_bytes();
+        let valid = b.len() == 36
+            && b.iter().enumerate().all(|(i, &c)| match i {
+                8 | 13 | 18 | 23 => c == b'-',
+                _ => c.is_ascii_hexdigit(),
+            });
+        valid.then(|| Uuid(s.to_owned()))
+    }
+
+    /// What an operator or an XML document wrote: trimmed, and in lower
+    /// case as libvirt prints it.
+    pub fn normalize(s: &str) -> Option<Uuid> {
+        Uuid::new(s.trim()).map(|u| Uuid(u.0.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
-pub fn normalize_uuid(s: &str) -> Option<String> {
-    let s = s.trim();
-    valid_uuid(s).then(|| s.to_ascii_lowercase())
+impl std::ops::Deref for Uuid {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Uuid {
+    fn as_ref(&self) -> &std::path::Path {
+        self.0.as_ref()
+    }
+}
+
+impl std::fmt::Display for Uuid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for Uuid {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Uuid {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl Serialize for Uuid {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
 }
 
 fn abs_path(what: &str, p: &str) -> Result<PathBuf> {
@@ -187,7 +237,7 @@ impl Domain {
         let raw_uuid = d
             .uuid
             .ok_or_else(|| Error::failed("domain XML has no <uuid>"))?;
-        let uuid = normalize_uuid(&raw_uuid).ok_or_else(|| {
+        let uuid = Uuid::normalize(&raw_uuid).ok_or_else(|| {
             Error::failed(format!("domain XML has an invalid <uuid> {raw_uuid:?}"))
         })?;
         let tpm = emulator_tpm(d.devices.map(|d| d.tpm).unwrap_or_default())?;
@@ -259,7 +309,7 @@ fn emulator_tpm(devices: Vec<XTpm>) -> Result<Option<Tpm>> {
             }
         };
         let encryption_secret = match b.encryption.and_then(|e| e.secret) {
-            Some(s) => Some(normalize_uuid(&s).ok_or_else(|| {
+            Some(s) => Some(Uuid::normalize(&s).map(|u| u.0).ok_or_else(|| {
                 Error::failed(format!("TPM encryption secret {s:?} is not a UUID"))
             })?),
             None => None,
@@ -412,10 +462,19 @@ mod tests {
     #[test]
     fn uuid_is_lowercased_and_validated() {
         assert_eq!(
-            normalize_uuid("AAAAAAAA-BBBB-CCCC-DDDD-EEEEEEEEEEEE").unwrap(),
+            Uuid::normalize(" AAAAAAAA-BBBB-CCCC-DDDD-EEEEEEEEEEEE\n").unwrap(),
             "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
         );
-        assert!(normalize_uuid("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeee/").is_none());
-        assert!(normalize_uuid("aaaaaaaabbbbccccddddeeeeeeeeeeee").is_none());
+        for bad in [
+            "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeee/",
+            "aaaaaaaabbbbccccddddeeeeeeeeeeee",
+            "../aaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+            "",
+        ] {
+            assert!(Uuid::normalize(bad).is_none(), "{bad}");
+            assert!(Uuid::new(bad).is_none(), "{bad}");
+        }
+        // A store directory's name is taken as it is, never trimmed.
+        assert!(Uuid::new(" aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee").is_none());
     }
 }

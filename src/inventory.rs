@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::domain::{self, Domain};
+use crate::domain::{Domain, Uuid};
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, Role};
 use crate::marks;
@@ -51,8 +51,8 @@ fn newest_manifest_unlocked(dir: &Path) -> Option<(String, Manifest)> {
 /// A VM argument (name or UUID) to the UUID of a VM in the store. An
 /// unknown VM is a failure (exit 1); an ambiguous name is a usage error
 /// (exit 2) that lists the candidates.
-pub fn resolve(store: &Store, arg: &str) -> Result<String> {
-    if let Some(uuid) = domain::normalize_uuid(arg) {
+pub fn resolve(store: &Store, arg: &str) -> Result<Uuid> {
+    if let Some(uuid) = Uuid::normalize(arg) {
         if store.vm_dir(&uuid).is_dir() {
             return Ok(uuid);
         }
@@ -63,7 +63,7 @@ pub fn resolve(store: &Store, arg: &str) -> Result<String> {
     }
     // No locks here: a generation is immutable once renamed into place,
     // and a VM whose lock is held must still be found by name.
-    let mut found: Vec<(String, String)> = Vec::new();
+    let mut found: Vec<(Uuid, String)> = Vec::new();
     for uuid in store.vm_uuids()? {
         if let Some((g, m)) = newest_manifest_unlocked(&store.vm_dir(&uuid)) {
             if m.name == arg {

@@ -263,7 +263,7 @@ pub fn keep(
         .unwrap_or(0);
     let record = crate::evidence::Record {
         format: 1,
-        uuid: domain.uuid.clone(),
+        uuid: domain.uuid.to_string(),
         name: domain.name.clone(),
         event: "prepare".into(),
         time: manifest::rfc3339(now),

@@ -12,6 +12,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::domain::Uuid;
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint;
 use crate::fsutil;
@@ -64,13 +65,12 @@ impl Store {
         &self.root
     }
 
-    pub fn vm_dir(&self, uuid: &str) -> PathBuf {
+    pub fn vm_dir(&self, uuid: &Uuid) -> PathBuf {
         self.root.join(uuid)
     }
 
     /// Lock the VM's part of the store (creating it) and clean leftovers.
-    pub fn open_vm(&self, uuid: &str, timeout: Duration) -> Result<VmStore> {
-        debug_assert!(crate::domain::valid_uuid(uuid));
+    pub fn open_vm(&self, uuid: &Uuid, timeout: Duration) -> Result<VmStore> {
         fsutil::ensure_dir(&self.root, 0o700)?;
         let dir = self.vm_dir(uuid);
         fsutil::ensure_dir(&dir, 0o700)?;
@@ -85,7 +85,7 @@ impl Store {
     }
 
     /// Lock a VM's part of the store for reading; it must exist.
-    pub fn read_vm(&self, uuid: &str, timeout: Duration) -> Result<VmStore> {
+    pub fn read_vm(&self, uuid: &Uuid, timeout: Duration) -> Result<VmStore> {
         let dir = self.vm_dir(uuid);
         let lock = lock::lock_shared(&dir.join(LOCK_NAME), timeout)?;
         Ok(VmStore {
@@ -96,17 +96,16 @@ impl Store {
     }
 
     /// The UUIDs the store holds something for, sorted.
-    pub fn vm_uuids(&self) -> Result<Vec<String>> {
+    pub fn vm_uuids(&self) -> Result<Vec<Uuid>> {
         let rd = match std::fs::read_dir(&self.root) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(Error::io("read directory", &self.root, e)),
         };
-        let mut v: Vec<String> = rd
+        let mut v: Vec<Uuid> = rd
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| crate::domain::valid_uuid(n))
+            .filter_map(|e| Uuid::new(e.file_name().to_str()?))
             .collect();
         v.sort();
         Ok(v)
@@ -118,7 +117,7 @@ impl Store {
     /// holds no generation for the VM.
     pub fn protect_refused(
         &self,
-        uuid: &str,
+        uuid: &Uuid,
         timeout: Duration,
         max: u64,
         why: &str,
@@ -697,7 +696,7 @@ mod tests {
     fn a_generation_number_taken_behind_the_lock_moves_this_capture_to_the_next() {
         let d = scratch("taken");
         let store = Store::new(&d);
-        let uuid = "11111111-2222-3333-4444-555555555555";
+        let uuid = &Uuid::new("11111111-2222-3333-4444-555555555555").unwrap();
         let vm = store.open_vm(uuid, Duration::from_secs(1)).unwrap();
         // This run chose 1 under the lock; another host (its lock not
         // honoured) put its own 1 in place meanwhile.

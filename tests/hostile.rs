@@ -85,7 +85,7 @@ fn doc_uuid(xml: &[u8]) -> Option<String> {
     let t = String::from_utf8_lossy(xml);
     let start = t.find("<uuid>")? + 6;
     let end = start + t[start..].find("</uuid>")?;
-    swtpm_keeper::domain::normalize_uuid(t[start..end].trim())
+    swtpm_keeper::domain::Uuid::normalize(&t[start..end]).map(|u| u.to_string())
 }
 
 /// What `prepare` must do with a valid document whose UUID the store knows
@@ -225,7 +225,7 @@ fn run_document(i: usize, name: &str, xml_template: &[u8]) -> usize {
     for e in std::fs::read_dir(&h.store).unwrap() {
         let n = e.unwrap().file_name().into_string().unwrap();
         assert!(
-            swtpm_keeper::domain::valid_uuid(&n),
+            swtpm_keeper::domain::Uuid::new(&n).is_some(),
             "{name}: unexpected entry {n:?} in the store"
         );
     }

@@ -6,7 +6,7 @@ use std::io::Write;
 
 use crate::capture::{self, Event, Outcome};
 use crate::config::Config;
-use crate::domain::{self, Domain};
+use crate::domain::{Domain, Uuid};
 use crate::error::{Error, Result};
 use crate::inventory;
 use crate::logging::sanitize;
@@ -63,7 +63,7 @@ fn capture_one(cfg: &Config, arg: &str, all: bool) -> Result<Done> {
 
 /// A name as given; a UUID is looked up in the store's newest manifest.
 fn vm_name(cfg: &Config, arg: &str) -> Result<String> {
-    if domain::normalize_uuid(arg).is_none() {
+    if Uuid::normalize(arg).is_none() {
         return Ok(arg.to_owned());
     }
     let store = Store::new(&cfg.store_dir);

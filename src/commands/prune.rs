@@ -9,6 +9,7 @@ use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
+use crate::domain::Uuid;
 use crate::error::{Error, Result};
 use crate::inventory;
 use crate::logging::sanitize;
@@ -41,7 +42,7 @@ fn write_err(e: std::io::Error) -> Error {
 
 pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
     let store = Store::new(&cfg.store_dir);
-    let targets: Vec<String> = if req.vms.is_empty() {
+    let targets: Vec<Uuid> = if req.vms.is_empty() {
         store.vm_uuids()?
     } else {
         req.vms

@@ -5,6 +5,7 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::domain::Uuid;
 use crate::error::{Error, Result};
 use crate::inventory::{self, human_bytes, JSON_VERSION};
 use crate::logging::sanitize;
@@ -15,7 +16,7 @@ use crate::store::{Store, VmStore};
 #[derive(Serialize)]
 struct ShowJson {
     version: u32,
-    uuid: String,
+    uuid: Uuid,
     name: String,
     defined: bool,
     migrated_away: Option<String>,
