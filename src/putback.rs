@@ -1,6 +1,8 @@
-//! Putting a state back: the newest good generation goes back where libvirt looks for a
-//! VM's TPM state (and its UEFI vars), before swtpm starts, when libvirt's
-//! copy is gone, so that the guest boots with the same TPM.
+//! Putting a state back: the newest good generation goes back where
+//! libvirt looks for a VM's TPM state (and its UEFI vars), before swtpm
+//! starts, when libvirt's copy is gone, so that the guest boots with the
+//! same TPM. The hook does it at `prepare` (`at_prepare`), the `restore`
+//! command through `put_back`.
 //!
 //! What is written goes first into a new directory (or temp file) inside
 //! the destination's parent, owned and fsynced, then is renamed into place:
