@@ -255,7 +255,10 @@ impl Seen {
         let _ = dir.remove_entry(&tmp);
         let bytes = serde_json::to_vec(self).expect("serializes");
         dir.write_new(&tmp, &bytes, 0o600, None)?;
-        dir.rename(&tmp, &format!("{uuid}.json"), Rename::Replace)
+        dir.rename(&tmp, &format!("{uuid}.json"), Rename::Replace)?;
+        // On tmpfs this costs nothing; it keeps the one rule of every
+        // write (tests/durability.rs) true here too.
+        dir.sync()
     }
 }
 
