@@ -350,11 +350,11 @@ impl<'a> Job<'a> {
                     NvramOutcome::None => String::new(),
                 };
                 let restored = format!(
-                    "restored TPM {} state from generation {generation} (captured {} on {} at {}) into {}{nv}",
+                    "restored TPM {} state from generation {generation} (captured {} on {} {}) into {}{nv}",
                     m.tpm.version,
                     m.time,
                     m.host,
-                    m.event,
+                    m.taken(),
                     path.display()
                 );
                 match mended {

@@ -393,8 +393,11 @@ pub fn check_rules(
 ) -> std::result::Result<(), Refusal> {
     let m = &gen.manifest;
     let which = format!(
-        "generation {} (captured {} on {} at {})",
-        gen.name, m.time, m.host, m.event
+        "generation {} (captured {} on {} {})",
+        gen.name,
+        m.time,
+        m.host,
+        m.taken()
     );
     let force = format!(
         "if this state is the right one, put it back with `swtpm-keeper restore {} --generation {} --force` and start again",
