@@ -4,12 +4,13 @@
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::time::SystemTime;
 
 use nix::errno::Errno;
 use nix::fcntl::{self, AtFlags, OFlag, RenameFlags};
@@ -284,80 +285,14 @@ pub fn list_dir(dir: &File, path: &Path) -> Result<Vec<OsString>> {
     Ok(names)
 }
 
-/// Create `path` (which must not exist) with `mode`, write `data`, fsync.
-pub fn write_new_synced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .ctx("create", path)?;
-    f.write_all(data).ctx("write", path)?;
-    if !failpoint::skip_fsync() {
-        f.sync_all().ctx("fsync", path)?;
-    }
-    Ok(())
-}
-
-/// fsync a directory, so that the entries created or renamed in it persist.
-pub fn fsync_dir(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|d| {
-            if failpoint::skip_fsync() {
-                Ok(())
-            } else {
-                d.sync_all()
-            }
-        })
-        .ctx("fsync directory", path)
-}
-
-/// A directory's entry lives in its parent: sync that, or a power loss can
-/// drop the directory with the files later put in it.
-fn fsync_parent(path: &Path) -> Result<()> {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => fsync_dir(parent),
-        _ => Ok(()),
-    }
-}
-
 /// mkdir with a mode, fine if it exists as a directory (not a symlink);
-/// either way its parent is synced, so the directory persists.
-pub fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match fs::DirBuilder::new().mode(mode).create(path) {
-        Ok(()) => fsync_parent(path),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let md = fs::symlink_metadata(path).ctx("stat", path)?;
-            if md.is_dir() {
-                // Also when it exists: the run that made it may have died
-                // before its fsync (cheap when nothing is pending).
-                fsync_parent(path)
-            } else {
-                Err(Error::failed(format!(
-                    "{} exists and is not a directory",
-                    path.display()
-                )))
-            }
-        }
-        Err(e) => Err(Error::io("create directory", path, e)),
+/// either way its parent is synced, so the directory persists
+/// (`Dir::ensure_subdir`). The path is opened as `Dir::open` does.
+pub fn ensure_dir(path: &Path, mode: u32) -> Result<Dir> {
+    match (path.parent(), path.file_name().and_then(OsStr::to_str)) {
+        (Some(parent), Some(name)) => Dir::open(parent)?.ensure_subdir(name, mode),
+        _ => Dir::open(path),
     }
-}
-
-/// Remove a directory tree that we created (our own store, root-only).
-pub fn remove_tree(path: &Path) -> Result<()> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", path, e)),
-    }
-}
-
-/// Owner and mode of a path without following a final symlink.
-pub fn owner_mode(path: &Path) -> io::Result<(u32, u32, u32)> {
-    let md = fs::symlink_metadata(path)?;
-    Ok((md.uid(), md.gid(), md.mode() & 0o7777))
 }
 
 /// A directory opened once; every operation is relative to its fd, so
@@ -462,6 +397,36 @@ impl Dir {
         self.open_subdir(name)
     }
 
+    /// `mkdir`, fine if `name` exists as a directory (not a symlink);
+    /// either way this directory is synced, so the new one persists: also
+    /// when it exists, as the run that made it may have died before its
+    /// fsync (cheap when nothing is pending).
+    pub fn ensure_subdir(&self, name: &str, mode: u32) -> Result<Dir> {
+        match stat::mkdirat(&self.fd, name, Mode::from_bits_retain(mode)) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => {
+                let is_dir = self
+                    .entry_stat(name)?
+                    .is_some_and(|st| Dir::entry_is_dir(&st));
+                if !is_dir {
+                    return Err(Error::failed(format!(
+                        "{} exists and is not a directory",
+                        self.path.join(name).display()
+                    )));
+                }
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    "create directory",
+                    &self.path.join(name),
+                    e.into(),
+                ))
+            }
+        }
+        self.sync()?;
+        self.open_subdir(name)
+    }
+
     /// Create a new file (never an existing one, never through a link),
     /// write it, set owner and mode, fsync.
     pub fn write_new(
@@ -506,7 +471,7 @@ impl Dir {
     pub fn rename(&self, from: &str, to: &str, how: Rename) -> Result<()> {
         let dest = self.path.join(to);
         let flags = match how {
-            Rename::Replace => return self.plain_rename(from, to, &dest),
+            Rename::Replace => return self.plain_rename(from, to, "rename into place", &dest),
             Rename::NoReplace => RenameFlags::RENAME_NOREPLACE,
             Rename::Exchange => RenameFlags::RENAME_EXCHANGE,
         };
@@ -515,8 +480,12 @@ impl Dir {
             Err(Errno::EINVAL | Errno::ENOSYS) => {}
             Err(e) => return Err(Error::io("rename into place", &dest, e.into())),
         };
-        // The filesystem lacks renameat2 flags (older NFS): emulate. The
-        // caller holds the VM's lock and libvirt holds the domain's.
+        // The filesystem lacks renameat2 flags (GlusterFS's FUSE client
+        // answers EINVAL, measured; older NFS): emulate. The caller holds
+        // the VM's lock and libvirt holds the domain's; should another
+        // host's lock fail and its entry appear between the check and the
+        // rename, a directory still never replaces a non-empty one, and a
+        // generation always holds its manifest and SHA256SUMS.
         match how {
             Rename::Replace => unreachable!("handled above"),
             Rename::NoReplace => {
@@ -527,21 +496,27 @@ impl Dir {
                         io::Error::from_raw_os_error(libc::EEXIST),
                     ));
                 }
-                self.plain_rename(from, to, &dest)
+                self.plain_rename(from, to, "rename into place", &dest)
             }
             Rename::Exchange => {
                 let aside = format!("{from}.aside");
-                self.plain_rename(to, &aside, &dest)?;
-                self.plain_rename(from, to, &dest)?;
-                self.plain_rename(&aside, from, &dest)
+                let how = "rename into place";
+                self.plain_rename(to, &aside, how, &dest)?;
+                self.plain_rename(from, to, how, &dest)?;
+                self.plain_rename(&aside, from, how, &dest)
             }
         }
     }
 
-    fn plain_rename(&self, from: &str, to: &str, dest: &Path) -> Result<()> {
+    /// Rename `from` aside to `to` (a plain rename), to remove it next.
+    pub fn rename_for_removal(&self, from: &str, to: &str) -> Result<()> {
+        self.plain_rename(from, to, "rename for removal", &self.path.join(to))
+    }
+
+    fn plain_rename(&self, from: &str, to: &str, action: &str, dest: &Path) -> Result<()> {
         fcntl::renameat(&self.fd, from, &self.fd, to)
             .map_err(io::Error::from)
-            .ctx("rename into place", dest)
+            .ctx(action, dest)
     }
 
     /// Remove an entry of ours: a file, or a directory with its whole tree
@@ -576,6 +551,22 @@ impl Dir {
         unistd::unlinkat(&self.fd, name, flags)
             .map_err(io::Error::from)
             .ctx("remove", &p)
+    }
+
+    /// Unlink a file (never a directory); false if it was not there.
+    pub fn remove_file(&self, name: &str) -> Result<bool> {
+        match unistd::unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) => Ok(true),
+            Err(Errno::ENOENT) => Ok(false),
+            Err(e) => Err(Error::io("remove", &self.path.join(name), e.into())),
+        }
+    }
+
+    /// Set this directory's mtime.
+    pub fn set_modified(&self, t: SystemTime) -> Result<()> {
+        File::from(self.fd.try_clone().ctx("open", &self.path)?)
+            .set_modified(t)
+            .ctx("set the time of", &self.path)
     }
 
     pub fn names(&self) -> Result<Vec<String>> {
