@@ -298,6 +298,7 @@ pub fn ensure_dir(path: &Path, mode: u32) -> Result<Dir> {
 /// A directory opened once; every operation is relative to its fd, so
 /// nothing can redirect them by swapping a path component, and nothing
 /// ever follows a symlink at the final name.
+#[derive(Debug)]
 pub struct Dir {
     fd: OwnedFd,
     path: PathBuf,
@@ -621,6 +622,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("2 hard links"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn ensure_subdir_takes_an_existing_directory_but_never_a_file_or_a_link() {
+        let d = std::env::temp_dir().join(format!("swk-fsutil-ensure-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("there")).unwrap();
+        std::fs::write(d.join("file"), b"f").unwrap();
+        std::os::unix::fs::symlink(d.join("there"), d.join("link")).unwrap();
+        let dir = Dir::open(&d).unwrap();
+        dir.ensure_subdir("new", 0o700).unwrap();
+        assert!(d.join("new").is_dir());
+        dir.ensure_subdir("there", 0o700).unwrap();
+        for n in ["file", "link"] {
+            let err = dir.ensure_subdir(n, 0o700).unwrap_err().to_string();
+            assert!(err.contains("exists and is not a directory"), "{n}: {err}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn remove_file_unlinks_a_file_says_when_it_was_absent_and_leaves_a_directory() {
+        let d = std::env::temp_dir().join(format!("swk-fsutil-unlink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("f"), b"x").unwrap();
+        let dir = Dir::open(&d).unwrap();
+        assert!(dir.remove_file("f").unwrap());
+        assert!(!d.join("f").exists());
+        assert!(!dir.remove_file("f").unwrap());
+        assert!(dir.remove_file("sub").is_err());
+        assert!(d.join("sub").is_dir());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

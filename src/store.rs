@@ -731,6 +731,21 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_writes_nothing() {
+        let d = scratch("reader");
+        let store = Store::new(&d);
+        let uuid = "11111111-2222-3333-4444-555555555555";
+        drop(store.open_vm(uuid, Duration::from_secs(1)).unwrap());
+        let vm = store.read_vm(uuid, Duration::from_secs(1)).unwrap();
+        let err = vm.write_marker("m.json", b"{}").unwrap_err().to_string();
+        assert!(err.contains("needs the exclusive lock"), "{err}");
+        assert!(vm.remove_dirs(&["x".into()]).is_err());
+        assert!(!vm.dir().join("m.json").exists());
+        drop(vm);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn a_generation_number_taken_behind_the_lock_moves_this_capture_to_the_next() {
         let d = scratch("taken");
         let store = Store::new(&d);
