@@ -108,7 +108,8 @@ impl Bench {
             fs::read(Path::new(TOP).join("tests/fixtures/libvirt-9.0/no-tpm.stopped.xml")).unwrap(),
         )
         .unwrap();
-        x = x.replace("<name>notpm</name>", &format!("<name>{name}</name>"));
+        let (ns, ne) = (x.find("<name>").unwrap(), x.find("</name>").unwrap());
+        x.replace_range(ns..ne + 7, &format!("<name>{name}</name>"));
         let start = x.find("<uuid>").unwrap();
         let end = x.find("</uuid>").unwrap();
         x.replace_range(start..end + 7, &format!("<uuid>{uuid}</uuid>"));
@@ -475,6 +476,53 @@ fn main() {
         "report",
     );
 
+    // 6b. Running VMs: one `capture --all` pass over R running VMs (6 KB
+    // TPM + 540 KB NVRAM each) whose state did not change, against a
+    // cron-style shell baseline that `cp -a`s every state directory and
+    // NVRAM file; then the same pass with every permall changed, per VM,
+    // against a stop capture (above).
+    let r = b.n(1000, 20);
+    let live = b.live_fleet(r);
+    let pass = |_: &Bench| {
+        let t0 = Instant::now();
+        // The operator's command: the binary by its own name.
+        let st = Command::new(HOOK_BIN)
+            .args(["capture", "--all"])
+            .env("SWTPM_KEEPER_CONFIG", &live.conf)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "capture --all failed");
+        t0.elapsed()
+    };
+    pass(&b); // the first generation of each
+    let unchanged = median((0..3).map(|_| pass(&b)).collect());
+    assert_eq!(live.generations(), r, "an unchanged pass added generations");
+    let copy_all = median((0..3).map(|_| live.cp_a_baseline()).collect());
+    b.row(
+        &format!("`capture --all`, {r} running VMs, nothing changed, vs `cp -a` of every state"),
+        ms(unchanged),
+        ms(copy_all),
+        format!("{:.3}x", unchanged.as_secs_f64() / copy_all.as_secs_f64()),
+        "<= 0.2x and < 300 ms",
+    );
+    for (i, u) in live.uuids.iter().enumerate() {
+        b.mutate(u, i + 1);
+    }
+    let changed = pass(&b);
+    assert_eq!(live.generations(), 2 * r, "a changed pass missed a VM");
+    let per_vm = changed / r as u32;
+    b.row(
+        &format!(
+            "`capture --all`, {r} running VMs, every permall changed: per VM, vs a stop capture"
+        ),
+        ms(per_vm),
+        ms(k),
+        format!("{:.2}x", per_vm.as_secs_f64() / k.as_secs_f64()),
+        "<= 1.0x",
+    );
+    live.remove();
+
     // 7. Binary size, peak memory.
     let size = fs::metadata(HOOK_BIN).unwrap().len();
     b.row(
@@ -506,6 +554,99 @@ fn main() {
         uname()
     );
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// R fake running VMs: libvirt's status files naming a live pid (this
+/// process), swtpm's state and the NVRAM, and a configuration with their
+/// own store and run directories.
+struct LiveFleet {
+    dir: PathBuf,
+    conf: PathBuf,
+    uuids: Vec<String>,
+}
+
+impl Bench {
+    fn live_fleet(&self, r: usize) -> LiveFleet {
+        let dir = self.dir.join("live");
+        let run = dir.join("run-libvirt");
+        fs::create_dir_all(&run).unwrap();
+        let me = std::process::id();
+        let mut uuids = Vec::new();
+        for i in 0..r {
+            let (name, uuid) = (
+                format!("live{i}"),
+                format!("dddddddd-0000-4000-8000-{i:012}"),
+            );
+            let xml = fs::read_to_string(self.make_vm(&name, &uuid)).unwrap();
+            let status = format!(
+                "<domstatus state='running' reason='booted' pid='{me}'>\n{xml}\n</domstatus>\n"
+            );
+            fs::write(run.join(format!("{name}.xml")), status).unwrap();
+            fs::write(run.join(format!("{name}.pid")), format!("{me}\n")).unwrap();
+            uuids.push(uuid);
+        }
+        let conf = dir.join("live.conf");
+        fs::write(
+            &conf,
+            format!(
+                "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nlibvirt_run_dir = {run:?}\nrun_dir = {:?}\n",
+                dir.join("store"),
+                self.dir.join("swtpm"),
+                self.dir.join("etc-qemu"),
+                dir.join("run-keeper")
+            ),
+        )
+        .unwrap();
+        LiveFleet { dir, conf, uuids }
+    }
+}
+
+impl LiveFleet {
+    fn generations(&self) -> usize {
+        self.uuids
+            .iter()
+            .map(|u| {
+                fs::read_dir(self.dir.join("store").join(u))
+                    .map(|rd| {
+                        rd.filter(|e| {
+                            store::is_generation_name(
+                                &e.as_ref().unwrap().file_name().to_string_lossy(),
+                            )
+                        })
+                        .count()
+                    })
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// What a cron job would do instead: copy every state dir and NVRAM.
+    fn cp_a_baseline(&self) -> Duration {
+        let dest = self.dir.join("cp-a");
+        let _ = fs::remove_dir_all(&dest);
+        fs::create_dir_all(&dest).unwrap();
+        let swtpm = self.dir.parent().unwrap().join("swtpm");
+        let nvram = self.dir.parent().unwrap().join("nvram");
+        let script = format!(
+            "for u in {}; do cp -a {}/$u \"$1\"/; done; cp -a {} \"$1\"/",
+            self.uuids.join(" "),
+            swtpm.display(),
+            nvram.display()
+        );
+        let t0 = Instant::now();
+        let st = Command::new("/bin/sh")
+            .args(["-c", &script, "sh"])
+            .arg(&dest)
+            .status()
+            .unwrap();
+        let took = t0.elapsed();
+        assert!(st.success());
+        took
+    }
+
+    fn remove(self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn uname() -> String {

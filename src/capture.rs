@@ -372,27 +372,12 @@ fn capture_read(
 /// newest generation (`live::Seen`, in `run_dir`); otherwise each file is
 /// read until two reads agree.
 pub fn capture_running(cfg: &Config, vm: &VmStore, running: &RunningVm) -> Result<Outcome> {
-    let domain = &running.domain;
-    let tpm = domain
-        .tpm
-        .as_ref()
-        .ok_or_else(|| Error::failed(format!("VM {} has no emulator TPM", domain.name)))?;
-    let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
-    let now = unix_now();
-    let before = source_identities(&loc, tpm.version, domain.nvram.as_deref());
-    if let (Some(seen), Some(g)) = (
-        Seen::load(&cfg.run_dir, &domain.uuid),
-        vm.generations()?.last(),
-    ) {
-        if seen.holds(g, &before, now) {
-            let (generation, path) = (g.clone(), vm.dir().join(g));
-            return Ok(Outcome::Unchanged {
-                generation,
-                path,
-                unread: true,
-            });
-        }
+    if let Some(unchanged) = unchanged_running(cfg, vm, running)? {
+        return Ok(unchanged);
     }
+    let domain = &running.domain;
+    let tpm = emulator_tpm(domain)?;
+    let now = unix_now();
     let reading = Reading::Live {
         paused: running.status.state == "paused",
     };
@@ -413,6 +398,41 @@ pub fn capture_running(cfg: &Config, vm: &VmStore, running: &RunningVm) -> Resul
         }
     }
     Ok(outcome)
+}
+
+/// `Some` when nothing needs reading: every source file still has the
+/// identity the last live capture saw in the newest generation. A shared
+/// lock on the VM's store is enough (a pass over unchanged VMs takes no
+/// exclusive lock and writes nothing).
+pub fn unchanged_running(
+    cfg: &Config,
+    vm: &VmStore,
+    running: &RunningVm,
+) -> Result<Option<Outcome>> {
+    let domain = &running.domain;
+    let tpm = emulator_tpm(domain)?;
+    let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
+    let (Some(seen), Some(g)) = (
+        Seen::load(&cfg.run_dir, &domain.uuid),
+        vm.generations()?.pop(),
+    ) else {
+        return Ok(None);
+    };
+    let now_files = source_identities(&loc, tpm.version, domain.nvram.as_deref());
+    Ok(seen
+        .holds(&g, &now_files, unix_now())
+        .then(|| Outcome::Unchanged {
+            path: vm.dir().join(&g),
+            generation: g,
+            unread: true,
+        }))
+}
+
+fn emulator_tpm(domain: &Domain) -> Result<&Tpm> {
+    domain
+        .tpm
+        .as_ref()
+        .ok_or_else(|| Error::failed(format!("VM {} has no emulator TPM", domain.name)))
 }
 
 /// swtpm's state files and the NVRAM as they are now, with their

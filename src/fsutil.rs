@@ -3,13 +3,19 @@
 //! users, bounded reads of regular files only, durable writes.
 
 use std::collections::VecDeque;
-use std::ffi::{CStr, CString, OsStr, OsString};
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::time::SystemTime;
+
+use nix::errno::Errno;
+use nix::fcntl::{self, AtFlags, OFlag, RenameFlags};
+use nix::sys::stat::{self, Mode};
+use nix::unistd::{self, UnlinkatFlags};
 
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint;
@@ -19,47 +25,17 @@ const MAX_SYMLINK_HOPS: usize = 40;
 /// level deep; a deeper tree (made by another user) is left, and said so.
 const MAX_REMOVE_DEPTH: usize = 16;
 
-fn cstr(name: &OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+fn openat(dir: &OwnedFd, name: &OsStr, flags: OFlag) -> io::Result<OwnedFd> {
+    Ok(fcntl::openat(
+        dir,
+        name,
+        flags | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
-fn openat(dir: &OwnedFd, name: &OsStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let c = cstr(name)?;
-    // SAFETY: valid fd and NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by openat and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-pub fn fstat(fd: &impl AsRawFd) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain data; fstat fills it or fails.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
-}
-
-fn readlinkat(dir: &OwnedFd, name: &OsStr) -> io::Result<PathBuf> {
-    let c = cstr(name)?;
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: buf is writable for its length.
-    let n = unsafe {
-        libc::readlinkat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(PathBuf::from(OsString::from_vec(buf)))
+pub fn fstat(fd: &impl AsFd) -> io::Result<libc::stat> {
+    Ok(stat::fstat(fd)?)
 }
 
 fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
@@ -71,8 +47,7 @@ fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
 /// entries, Linux shows the ACL mask as the group bits, and the mask
 /// bounds what every named user and group may do.
 fn trusted_dir(st: &libc::stat) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    (st.st_uid == 0 || st.st_uid == unsafe { libc::geteuid() }) && st.st_mode & 0o022 == 0
+    (st.st_uid == 0 || st.st_uid == unistd::geteuid().as_raw()) && st.st_mode & 0o022 == 0
 }
 
 /// Open `path` (absolute) for reading, resolving every component by hand:
@@ -101,7 +76,7 @@ pub fn open_no_untrusted_links(path: &Path, want_dir: bool) -> Result<File> {
             continue;
         }
         let last = todo.is_empty();
-        let probe = openat(&cur, &name, libc::O_PATH | libc::O_NOFOLLOW).ctx("open", path)?;
+        let probe = openat(&cur, &name, OFlag::O_PATH | OFlag::O_NOFOLLOW).ctx("open", path)?;
         let st = fstat(&probe).ctx("stat", path)?;
         if is_type(&st, libc::S_IFLNK) {
             let parent = fstat(&cur).ctx("stat", path)?;
@@ -123,9 +98,11 @@ pub fn open_no_untrusted_links(path: &Path, want_dir: bool) -> Result<File> {
                     io::Error::from_raw_os_error(libc::ELOOP),
                 ));
             }
-            let target = readlinkat(&cur, &name).ctx("read symlink in", path)?;
+            let target = fcntl::readlinkat(&cur, name.as_os_str())
+                .map_err(io::Error::from)
+                .ctx("read symlink in", path)?;
             let mut front = VecDeque::new();
-            push_components(&mut front, &target);
+            push_components(&mut front, Path::new(&target));
             while let Some(c) = front.pop_back() {
                 todo.push_front(c);
             }
@@ -142,9 +119,9 @@ pub fn open_no_untrusted_links(path: &Path, want_dir: bool) -> Result<File> {
             cur = probe;
             continue;
         }
-        let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+        let mut flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
         if want_dir {
-            flags |= libc::O_DIRECTORY;
+            flags |= OFlag::O_DIRECTORY;
         }
         let fd = openat(&cur, &name, flags).ctx("open", path)?;
         return Ok(File::from(fd));
@@ -180,7 +157,7 @@ pub fn open_in_dir(dir: &File, name: &OsStr) -> io::Result<File> {
     let fd = openat(
         &OwnedFd::from(owned),
         name,
-        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
     )?;
     Ok(File::from(fd))
 }
@@ -287,117 +264,41 @@ pub fn read_regular(file: &mut File, path: &Path, max: u64) -> Result<FileData> 
 
 /// The entry names of an open directory (not "." and "..").
 pub fn list_dir(dir: &File, path: &Path) -> Result<Vec<OsString>> {
-    // fdopendir takes ownership of the fd it is given: hand it a duplicate.
-    let dup = dir.try_clone().ctx("read directory", path)?;
-    let fd = OwnedFd::from(dup);
-    // SAFETY: fdopendir takes the fd; on success it is closed by closedir.
-    let dirp = unsafe { libc::fdopendir(fd.as_raw_fd()) };
-    if dirp.is_null() {
-        return Err(Error::io(
-            "read directory",
-            path,
-            io::Error::last_os_error(),
-        ));
-    }
-    std::mem::forget(fd);
-    // Start from the beginning even if the fd was read before.
-    unsafe { libc::rewinddir(dirp) };
+    // The stream takes the descriptor it is given: hand it a duplicate,
+    // which shares the offset, so start from the beginning even if the
+    // directory was read before.
+    let dup = OwnedFd::from(dir.try_clone().ctx("read directory", path)?);
+    unistd::lseek(&dup, 0, unistd::Whence::SeekSet)
+        .map_err(io::Error::from)
+        .ctx("read directory", path)?;
+    let stream = nix::dir::Dir::from_fd(dup)
+        .map_err(io::Error::from)
+        .ctx("read directory", path)?;
     let mut names = Vec::new();
-    loop {
-        // SAFETY: dirp is valid until closedir below.
-        let ent = unsafe { libc::readdir(dirp) };
-        if ent.is_null() {
-            break;
-        }
-        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
-        let b = name.to_bytes();
+    for ent in stream {
+        let ent = ent.map_err(io::Error::from).ctx("read directory", path)?;
+        let b = ent.file_name().to_bytes();
         if b != b"." && b != b".." {
             names.push(OsStr::from_bytes(b).to_owned());
         }
     }
-    unsafe { libc::closedir(dirp) };
     Ok(names)
 }
 
-/// Create `path` (which must not exist) with `mode`, write `data`, fsync.
-pub fn write_new_synced(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .ctx("create", path)?;
-    f.write_all(data).ctx("write", path)?;
-    if !failpoint::skip_fsync() {
-        f.sync_all().ctx("fsync", path)?;
-    }
-    Ok(())
-}
-
-/// fsync a directory, so that the entries created or renamed in it persist.
-pub fn fsync_dir(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|d| {
-            if failpoint::skip_fsync() {
-                Ok(())
-            } else {
-                d.sync_all()
-            }
-        })
-        .ctx("fsync directory", path)
-}
-
-/// A directory's entry lives in its parent: sync that, or a power loss can
-/// drop the directory with the files later put in it.
-fn fsync_parent(path: &Path) -> Result<()> {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => fsync_dir(parent),
-        _ => Ok(()),
-    }
-}
-
 /// mkdir with a mode, fine if it exists as a directory (not a symlink);
-/// either way its parent is synced, so the directory persists.
-pub fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match fs::DirBuilder::new().mode(mode).create(path) {
-        Ok(()) => fsync_parent(path),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let md = fs::symlink_metadata(path).ctx("stat", path)?;
-            if md.is_dir() {
-                // Also when it exists: the run that made it may have died
-                // before its fsync (cheap when nothing is pending).
-                fsync_parent(path)
-            } else {
-                Err(Error::failed(format!(
-                    "{} exists and is not a directory",
-                    path.display()
-                )))
-            }
-        }
-        Err(e) => Err(Error::io("create directory", path, e)),
+/// either way its parent is synced, so the directory persists
+/// (`Dir::ensure_subdir`). The path is opened as `Dir::open` does.
+pub fn ensure_dir(path: &Path, mode: u32) -> Result<Dir> {
+    match (path.parent(), path.file_name().and_then(OsStr::to_str)) {
+        (Some(parent), Some(name)) => Dir::open(parent)?.ensure_subdir(name, mode),
+        _ => Dir::open(path),
     }
-}
-
-/// Remove a directory tree that we created (our own store, root-only).
-pub fn remove_tree(path: &Path) -> Result<()> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", path, e)),
-    }
-}
-
-/// Owner and mode of a path without following a final symlink.
-pub fn owner_mode(path: &Path) -> io::Result<(u32, u32, u32)> {
-    let md = fs::symlink_metadata(path)?;
-    Ok((md.uid(), md.gid(), md.mode() & 0o7777))
 }
 
 /// A directory opened once; every operation is relative to its fd, so
 /// nothing can redirect them by swapping a path component, and nothing
 /// ever follows a symlink at the final name.
+#[derive(Debug)]
 pub struct Dir {
     fd: OwnedFd,
     path: PathBuf,
@@ -449,26 +350,11 @@ impl Dir {
     }
 
     fn stat_at(&self, name: &OsStr) -> Result<Option<libc::stat>> {
-        let c = cstr(name).ctx("stat", &self.path.join(name))?;
-        // SAFETY: stat is plain data.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid fd, name and out pointer.
-        let rc = unsafe {
-            libc::fstatat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                &mut st,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::NotFound {
-                return Ok(None);
-            }
-            return Err(Error::io("stat", &self.path.join(name), e));
+        match stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(Error::io("stat", &self.path.join(name), e.into())),
         }
-        Ok(Some(st))
     }
 
     pub fn entry_is_dir(st: &libc::stat) -> bool {
@@ -485,7 +371,7 @@ impl Dir {
         let fd = openat(
             &self.fd,
             name,
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
         )
         .ctx("open directory", &p)?;
         Ok(Dir { fd, path: p })
@@ -498,7 +384,7 @@ impl Dir {
         let fd = openat(
             &self.fd,
             OsStr::new(name),
-            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
         )
         .ctx("open", &p)?;
         Ok(File::from(fd))
@@ -506,15 +392,39 @@ impl Dir {
 
     pub fn mkdir(&self, name: &str, mode: u32) -> Result<Dir> {
         let p = self.path.join(name);
-        let c = cstr(OsStr::new(name)).ctx("create directory", &p)?;
-        // SAFETY: valid fd and name.
-        if unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) } < 0 {
-            return Err(Error::io(
-                "create directory",
-                &p,
-                io::Error::last_os_error(),
-            ));
+        stat::mkdirat(&self.fd, name, Mode::from_bits_retain(mode))
+            .map_err(io::Error::from)
+            .ctx("create directory", &p)?;
+        self.open_subdir(name)
+    }
+
+    /// `mkdir`, fine if `name` exists as a directory (not a symlink);
+    /// either way this directory is synced, so the new one persists: also
+    /// when it exists, as the run that made it may have died before its
+    /// fsync (cheap when nothing is pending).
+    pub fn ensure_subdir(&self, name: &str, mode: u32) -> Result<Dir> {
+        match stat::mkdirat(&self.fd, name, Mode::from_bits_retain(mode)) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => {
+                let is_dir = self
+                    .entry_stat(name)?
+                    .is_some_and(|st| Dir::entry_is_dir(&st));
+                if !is_dir {
+                    return Err(Error::failed(format!(
+                        "{} exists and is not a directory",
+                        self.path.join(name).display()
+                    )));
+                }
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    "create directory",
+                    &self.path.join(name),
+                    e.into(),
+                ))
+            }
         }
+        self.sync()?;
         self.open_subdir(name)
     }
 
@@ -528,16 +438,12 @@ impl Dir {
         owner: Option<(u32, u32)>,
     ) -> Result<()> {
         let p = self.path.join(name);
-        let c = cstr(OsStr::new(name)).ctx("create", &p)?;
         let flags =
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: valid fd and name; the result is checked.
-        let fd =
-            unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags, mode as libc::c_uint) };
-        if fd < 0 {
-            return Err(Error::io("create", &p, io::Error::last_os_error()));
-        }
-        let mut f = unsafe { File::from_raw_fd(fd) };
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let mut f = fcntl::openat(&self.fd, name, flags, Mode::from_bits_retain(mode))
+            .map(File::from)
+            .map_err(io::Error::from)
+            .ctx("create", &p)?;
         f.write_all(data).ctx("write", &p)?;
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).ctx("chown", &p)?;
@@ -553,39 +459,34 @@ impl Dir {
 
     pub fn chown_chmod(&self, owner: Option<(u32, u32)>, mode: u32) -> Result<()> {
         if let Some((uid, gid)) = owner {
-            // SAFETY: valid fd.
-            if unsafe { libc::fchown(self.fd.as_raw_fd(), uid, gid) } < 0 {
-                return Err(Error::io("chown", &self.path, io::Error::last_os_error()));
-            }
+            let (uid, gid) = (unistd::Uid::from_raw(uid), unistd::Gid::from_raw(gid));
+            unistd::fchown(&self.fd, Some(uid), Some(gid))
+                .map_err(io::Error::from)
+                .ctx("chown", &self.path)?;
         }
-        if unsafe { libc::fchmod(self.fd.as_raw_fd(), mode as libc::mode_t) } < 0 {
-            return Err(Error::io("chmod", &self.path, io::Error::last_os_error()));
-        }
-        Ok(())
+        stat::fchmod(&self.fd, Mode::from_bits_retain(mode))
+            .map_err(io::Error::from)
+            .ctx("chmod", &self.path)
     }
 
     pub fn rename(&self, from: &str, to: &str, how: Rename) -> Result<()> {
         let dest = self.path.join(to);
-        let (cf, ct) = (
-            cstr(OsStr::new(from)).ctx("rename", &dest)?,
-            cstr(OsStr::new(to)).ctx("rename", &dest)?,
-        );
         let flags = match how {
-            Rename::Replace => return self.plain_rename(&cf, &ct, &dest),
-            Rename::NoReplace => libc::RENAME_NOREPLACE,
-            Rename::Exchange => libc::RENAME_EXCHANGE,
+            Rename::Replace => return self.plain_rename(from, to, "rename into place", &dest),
+            Rename::NoReplace => RenameFlags::RENAME_NOREPLACE,
+            Rename::Exchange => RenameFlags::RENAME_EXCHANGE,
         };
-        let fd = self.fd.as_raw_fd();
-        // SAFETY: valid fds and names.
-        if unsafe { libc::renameat2(fd, cf.as_ptr(), fd, ct.as_ptr(), flags) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOSYS) {
-            return Err(Error::io("rename into place", &dest, e));
-        }
-        // The filesystem lacks renameat2 flags (older NFS): emulate. The
-        // caller holds the VM's lock and libvirt holds the domain's.
+        match fcntl::renameat2(&self.fd, from, &self.fd, to, flags) {
+            Ok(()) => return Ok(()),
+            Err(Errno::EINVAL | Errno::ENOSYS) => {}
+            Err(e) => return Err(Error::io("rename into place", &dest, e.into())),
+        };
+        // The filesystem lacks renameat2 flags (GlusterFS's FUSE client
+        // answers EINVAL, measured; older NFS): emulate. The caller holds
+        // the VM's lock and libvirt holds the domain's; should another
+        // host's lock fail and its entry appear between the check and the
+        // rename, a directory still never replaces a non-empty one, and a
+        // generation always holds its manifest and SHA256SUMS.
         match how {
             Rename::Replace => unreachable!("handled above"),
             Rename::NoReplace => {
@@ -596,29 +497,27 @@ impl Dir {
                         io::Error::from_raw_os_error(libc::EEXIST),
                     ));
                 }
-                self.plain_rename(&cf, &ct, &dest)
+                self.plain_rename(from, to, "rename into place", &dest)
             }
             Rename::Exchange => {
                 let aside = format!("{from}.aside");
-                let ca = cstr(OsStr::new(&aside)).ctx("rename", &dest)?;
-                self.plain_rename(&ct, &ca, &dest)?;
-                self.plain_rename(&cf, &ct, &dest)?;
-                self.plain_rename(&ca, &cf, &dest)
+                let how = "rename into place";
+                self.plain_rename(to, &aside, how, &dest)?;
+                self.plain_rename(from, to, how, &dest)?;
+                self.plain_rename(&aside, from, how, &dest)
             }
         }
     }
 
-    fn plain_rename(&self, from: &CString, to: &CString, dest: &Path) -> Result<()> {
-        let fd = self.fd.as_raw_fd();
-        // SAFETY: valid fds and names.
-        if unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) } < 0 {
-            return Err(Error::io(
-                "rename into place",
-                dest,
-                io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+    /// Rename `from` aside to `to` (a plain rename), to remove it next.
+    pub fn rename_for_removal(&self, from: &str, to: &str) -> Result<()> {
+        self.plain_rename(from, to, "rename for removal", &self.path.join(to))
+    }
+
+    fn plain_rename(&self, from: &str, to: &str, action: &str, dest: &Path) -> Result<()> {
+        fcntl::renameat(&self.fd, from, &self.fd, to)
+            .map_err(io::Error::from)
+            .ctx(action, dest)
     }
 
     /// Remove an entry of ours: a file, or a directory with its whole tree
@@ -635,8 +534,7 @@ impl Dir {
         let Some(st) = self.stat_at(name)? else {
             return Ok(());
         };
-        let c = cstr(name).ctx("remove", &p)?;
-        let mut flags = 0;
+        let mut flags = UnlinkatFlags::NoRemoveDir;
         if is_type(&st, libc::S_IFDIR) {
             if depth == 0 {
                 return Err(Error::failed(format!(
@@ -649,13 +547,27 @@ impl Dir {
             for n in list_dir(&f, &p)? {
                 sub.remove_at(&n, depth - 1)?;
             }
-            flags = libc::AT_REMOVEDIR;
+            flags = UnlinkatFlags::RemoveDir;
         }
-        // SAFETY: valid fd and name.
-        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), flags) } < 0 {
-            return Err(Error::io("remove", &p, io::Error::last_os_error()));
+        unistd::unlinkat(&self.fd, name, flags)
+            .map_err(io::Error::from)
+            .ctx("remove", &p)
+    }
+
+    /// Unlink a file (never a directory); false if it was not there.
+    pub fn remove_file(&self, name: &str) -> Result<bool> {
+        match unistd::unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) => Ok(true),
+            Err(Errno::ENOENT) => Ok(false),
+            Err(e) => Err(Error::io("remove", &self.path.join(name), e.into())),
         }
-        Ok(())
+    }
+
+    /// Set this directory's mtime.
+    pub fn set_modified(&self, t: SystemTime) -> Result<()> {
+        File::from(self.fd.try_clone().ctx("open", &self.path)?)
+            .set_modified(t)
+            .ctx("set the time of", &self.path)
     }
 
     pub fn names(&self) -> Result<Vec<String>> {
@@ -670,15 +582,9 @@ impl Dir {
         if failpoint::skip_fsync() {
             return Ok(());
         }
-        // SAFETY: valid fd.
-        if unsafe { libc::fsync(self.fd.as_raw_fd()) } < 0 {
-            return Err(Error::io(
-                "fsync directory",
-                &self.path,
-                io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        unistd::fsync(&self.fd)
+            .map_err(io::Error::from)
+            .ctx("fsync directory", &self.path)
     }
 }
 
@@ -688,12 +594,12 @@ mod tests {
 
     #[test]
     fn identity_changes_with_inode_size_and_times() {
-        // SAFETY: stat is plain data, all zeroes is a valid value.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let mut st = fstat(&File::open("/").unwrap()).unwrap();
         st.st_ino = 7;
         st.st_size = 10;
         st.st_mtime = 1;
         st.st_mtime_nsec = 5;
+        st.st_ctime_nsec = 0;
         let a = Identity::of(&st);
         assert_eq!(a.mtime_ns, 1_000_000_005);
         st.st_ctime_nsec = 1;
@@ -716,6 +622,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("2 hard links"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn ensure_subdir_takes_an_existing_directory_but_never_a_file_or_a_link() {
+        let d = std::env::temp_dir().join(format!("swk-fsutil-ensure-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("there")).unwrap();
+        std::fs::write(d.join("file"), b"f").unwrap();
+        std::os::unix::fs::symlink(d.join("there"), d.join("link")).unwrap();
+        let dir = Dir::open(&d).unwrap();
+        dir.ensure_subdir("new", 0o700).unwrap();
+        assert!(d.join("new").is_dir());
+        dir.ensure_subdir("there", 0o700).unwrap();
+        for n in ["file", "link"] {
+            let err = dir.ensure_subdir(n, 0o700).unwrap_err().to_string();
+            assert!(err.contains("exists and is not a directory"), "{n}: {err}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn remove_file_unlinks_a_file_says_when_it_was_absent_and_leaves_a_directory() {
+        let d = std::env::temp_dir().join(format!("swk-fsutil-unlink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("f"), b"x").unwrap();
+        let dir = Dir::open(&d).unwrap();
+        assert!(dir.remove_file("f").unwrap());
+        assert!(!d.join("f").exists());
+        assert!(!dir.remove_file("f").unwrap());
+        assert!(dir.remove_file("sub").is_err());
+        assert!(d.join("sub").is_dir());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -169,7 +169,7 @@ impl<'a> Job<'a> {
         };
         // Session daemons run the hook as their user: there is no system
         // state to keep and no right to the system store.
-        if unsafe { libc::geteuid() } != 0 && std::env::var_os(config::ENV_VAR).is_none() {
+        if !nix::unistd::geteuid().is_root() && std::env::var_os(config::ENV_VAR).is_none() {
             log::debug!(
                 "vm={} event={ev}: not root (session libvirt?); swtpm-keeper keeps system VMs only",
                 domain.name
@@ -355,11 +355,11 @@ impl<'a> Job<'a> {
                     NvramOutcome::None => String::new(),
                 };
                 let restored = format!(
-                    "restored TPM {} state from generation {generation} (captured {} on {} at {}) into {}{nv}",
+                    "restored TPM {} state from generation {generation} (captured {} on {} {}) into {}{nv}",
                     m.tpm.version,
                     m.time,
                     m.host,
-                    m.event,
+                    m.taken(),
                     path.display()
                 );
                 match mended {

@@ -98,6 +98,9 @@ pub struct Newest {
     pub event: String,
     pub reason: String,
     pub host: String,
+    /// Read from the running VM (`capture`), not at a stop.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub live: bool,
 }
 
 /// One row of `list`.
@@ -165,6 +168,7 @@ pub fn summary(cfg: &Config, vm: &VmStore, uuid: &str) -> Result<VmSummary> {
             event: m.event,
             reason: m.reason,
             host: m.host,
+            live: m.live,
         }),
         name,
     })

@@ -43,8 +43,8 @@ pub struct Patience {
 
 /// For swtpm's files: a rename is atomic, so a short gap suffices.
 pub const STATE_PATIENCE: Patience = Patience {
-    tries: 8,
-    gap: Duration::from_millis(10),
+    tries: 10,
+    gap: Duration::from_millis(5),
 };
 
 /// For QEMU's in-place writes of the UEFI vars: reads tens of ms apart.
@@ -132,14 +132,19 @@ pub fn read_file<T>(
     check: impl Fn(&[u8]) -> std::result::Result<T, String>,
 ) -> Result<Option<(FileData, T)>> {
     let refusing = |why: String| Error::failed(format!("refusing {}: {why}", r.path.display()));
-    if reading == Reading::AtStop || !r.must_exist {
-        let Some(mut f) = open()? else {
-            return Ok(None);
-        };
-        if reading == Reading::AtStop {
+    match open()? {
+        None if reading == Reading::AtStop || !r.must_exist => return Ok(None),
+        None => {}
+        Some(mut f) if reading == Reading::AtStop => {
             let d = fsutil::read_regular(&mut f, r.path, r.max)?;
             let t = check(&d.bytes).map_err(refusing)?;
             return Ok(Some((d, t)));
+        }
+        Some(mut f) => {
+            refuse_never_settling(&f, r)?;
+            if let Some(done) = read_quiet(&mut f, r, &check) {
+                return Ok(Some(done));
+            }
         }
     }
     let d = read_settled(&r.path.display().to_string(), r.patience, || {
@@ -158,6 +163,38 @@ pub fn read_file<T>(
     })?;
     let t = check(&d.bytes).map_err(refusing)?;
     Ok(Some((d, t)))
+}
+
+/// A file nobody wrote for this long is quiet: a write while it is read
+/// would give it a newer mtime, in another tick of the kernel's coarse
+/// clock (a few ms).
+const QUIET: Duration = Duration::from_secs(2);
+
+/// One read of a quiet file whose identity is the same after the read as
+/// before: nothing wrote it meanwhile (a write in place sets its mtime; a
+/// rename leaves the inode read as it was), so that read is one whole
+/// version and needs no second one. `None`: read it the patient way.
+fn read_quiet<T>(
+    f: &mut File,
+    r: &FileRead,
+    check: &impl Fn(&[u8]) -> std::result::Result<T, String>,
+) -> Option<(FileData, T)> {
+    let before = fsutil::fstat(f).ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    let last_write = before.st_mtime.max(before.st_ctime);
+    if now - last_write < QUIET.as_secs() as i64 {
+        return None;
+    }
+    let d = fsutil::read_regular(f, r.path, r.max).ok()?;
+    let after = fsutil::fstat(f).ok()?;
+    if Identity::of(&before) != Identity::of(&after) {
+        return None;
+    }
+    let t = check(&d.bytes).ok()?;
+    Some((d, t))
 }
 
 /// What no retry can mend: not a regular file, more than one link, over
@@ -218,7 +255,10 @@ impl Seen {
         let _ = dir.remove_entry(&tmp);
         let bytes = serde_json::to_vec(self).expect("serializes");
         dir.write_new(&tmp, &bytes, 0o600, None)?;
-        dir.rename(&tmp, &format!("{uuid}.json"), Rename::Replace)
+        dir.rename(&tmp, &format!("{uuid}.json"), Rename::Replace)?;
+        // On tmpfs this costs nothing; it keeps the one rule of every
+        // write (tests/durability.rs) true here too.
+        dir.sync()
     }
 }
 
@@ -292,5 +332,42 @@ mod tests {
         .unwrap_err();
         assert_eq!(n, 1);
         assert!(e.to_string().contains("not a regular file"));
+    }
+
+    #[test]
+    fn a_quiet_file_is_read_once_and_a_recently_written_one_the_patient_way() {
+        let p = std::env::temp_dir().join(format!("swk-quiet-{}", std::process::id()));
+        std::fs::write(&p, b"state").unwrap();
+        let r = FileRead {
+            path: &p,
+            max: 1 << 20,
+            patience: QUICK,
+            must_exist: true,
+        };
+        let ok = |_: &[u8]| Ok::<(), String>(());
+        let mut f = File::open(&p).unwrap();
+        assert!(read_quiet(&mut f, &r, &ok).is_none(), "written just now");
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        // ctime moved with the mtime change: only mtime and ctime both old count.
+        let mut f = File::open(&p).unwrap();
+        assert!(read_quiet(&mut f, &r, &ok).is_none(), "its ctime is new");
+        // Left alone long enough (the condition, not the proof): one read.
+        std::thread::sleep(QUIET + Duration::from_millis(1100));
+        let mut f = File::open(&p).unwrap();
+        let (d, ()) = read_quiet(&mut f, &r, &ok).expect("a quiet file");
+        assert_eq!(d.bytes, b"state");
+        let bad = |_: &[u8]| Err::<(), String>("header".into());
+        let mut f = File::open(&p).unwrap();
+        assert!(
+            read_quiet(&mut f, &r, &bad).is_none(),
+            "a failed check reads again"
+        );
+        std::fs::remove_file(&p).unwrap();
     }
 }

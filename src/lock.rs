@@ -5,7 +5,9 @@
 //! always has a deadline: libvirtd is blocked while the hook waits.
 //!
 //! flock(2) through libc rather than std's `File::try_lock`: that is Rust
-//! 1.89, and the minimum Rust is 1.85 (docs/packaging.md).
+//! 1.89, and the minimum Rust is 1.85 (docs/packaging.md). Nor through nix:
+//! its `Flock` takes the file and unlocks when dropped, where `try_flock`
+//! locks a file its caller keeps, and its plain `flock` is deprecated.
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -122,6 +122,16 @@ impl Manifest {
         v
     }
 
+    /// How it was taken, for people: "at stopped", or "live, from the
+    /// running VM".
+    pub fn taken(&self) -> String {
+        match (self.live, self.vm_state.as_deref()) {
+            (true, Some(state)) => format!("live, from the {state} VM"),
+            (true, None) => "live".into(),
+            (false, _) => format!("at {}", self.event),
+        }
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         let mut v = serde_json::to_vec_pretty(self).expect("manifest serializes");
         v.push(b'\n');

@@ -241,8 +241,11 @@ pub fn check_rules(
 ) -> Result<()> {
     let m = &gen.manifest;
     let which = format!(
-        "generation {} (captured {} on {} at {})",
-        gen.name, m.time, m.host, m.event
+        "generation {} (captured {} on {} {})",
+        gen.name,
+        m.time,
+        m.host,
+        m.taken()
     );
     let force = format!(
         "if this state is the right one, put it back with `swtpm-keeper restore {} --generation {} --force` and start again",
@@ -1019,8 +1022,8 @@ mod placement_tests {
         let good = good_permall();
         std::fs::write(d.join("tpm2-00.permall"), &good).unwrap();
         let owner = Owner {
-            uid: unsafe { libc::geteuid() },
-            gid: unsafe { libc::getegid() },
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
             desc: String::new(),
         };
         let e = t
@@ -1039,8 +1042,7 @@ mod placement_tests {
 
     #[test]
     fn only_swtpms_own_regular_files_count_as_swtpms() {
-        // SAFETY: stat is plain data.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let mut st = crate::fsutil::fstat(&std::fs::File::open("/").unwrap()).unwrap();
         st.st_mode = libc::S_IFREG | 0o600;
         for n in [
             ".lock",

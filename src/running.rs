@@ -79,11 +79,11 @@ fn alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };
-    // SAFETY: signal 0 sends nothing; it only asks whether the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    // EPERM: it exists, as another user (QEMU runs as the qemu user) and
-    // this process lacks CAP_KILL, as under the capture service.
-    pid > 0 && (rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+    // No signal: it only asks whether the process exists. EPERM: it does,
+    // as another user (QEMU runs as the qemu user) and this process lacks
+    // CAP_KILL, as under the capture service.
+    let rc = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None);
+    pid > 0 && matches!(rc, Ok(()) | Err(nix::errno::Errno::EPERM))
 }
 
 /// Read a status document: the `<domstatus>` attributes, its job, and the

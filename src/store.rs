@@ -7,15 +7,16 @@
 //! VM's lock is the filesystem's flock: generation numbers are chosen under
 //! it, and the rename into place never replaces, so that even a lock that
 //! fails across hosts cannot make one host overwrite another's generation.
+//! Every write goes through the VM directory's handle (`fsutil::Dir`, as a
+//! restore's do): nothing here creates, renames or removes by path.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::domain::Uuid;
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint;
-use crate::fsutil;
+use crate::fsutil::{self, Dir, Rename};
 use crate::leftover;
 use crate::lock::{self, VmLock};
 use crate::manifest::{self, Manifest, Role};
@@ -36,7 +37,10 @@ pub struct Store {
 pub struct VmStore {
     dir: PathBuf,
     lock: VmLock,
-    exclusive: bool,
+    /// The VM's directory, opened once by a writer: every write goes
+    /// through this handle (`fsutil::Dir`), never by path. None for
+    /// readers.
+    writer: Option<Dir>,
 }
 
 /// `00000042-20261121T215608Z`: a sequence number (capture order, also
@@ -71,14 +75,13 @@ impl Store {
 
     /// Lock the VM's part of the store (creating it) and clean leftovers.
     pub fn open_vm(&self, uuid: &Uuid, timeout: Duration) -> Result<VmStore> {
-        fsutil::ensure_dir(&self.root, 0o700)?;
+        let handle = fsutil::ensure_dir(&self.root, 0o700)?.ensure_subdir(uuid, 0o700)?;
         let dir = self.vm_dir(uuid);
-        fsutil::ensure_dir(&dir, 0o700)?;
         let lock = lock::lock_exclusive(&dir.join(LOCK_NAME), timeout)?;
         let vm = VmStore {
             dir,
             lock,
-            exclusive: true,
+            writer: Some(handle),
         };
         vm.remove_leftovers()?;
         Ok(vm)
@@ -91,7 +94,7 @@ impl Store {
         Ok(VmStore {
             dir,
             lock,
-            exclusive: false,
+            writer: None,
         })
     }
 
@@ -141,15 +144,14 @@ impl VmStore {
         &self.dir
     }
 
-    fn require_exclusive(&self) -> Result<()> {
-        if self.exclusive {
-            Ok(())
-        } else {
-            Err(Error::failed(format!(
+    /// The handle writes go through; only under the exclusive lock.
+    fn writer(&self) -> Result<&Dir> {
+        self.writer.as_ref().ok_or_else(|| {
+            Error::failed(format!(
                 "{}: writing needs the exclusive lock",
                 self.dir.display()
-            )))
-        }
+            ))
+        })
     }
 
     /// Complete generations, oldest first.
@@ -173,25 +175,21 @@ impl VmStore {
     /// Temporaries whose owner is provably gone (`leftover`) go away
     /// before anything else happens; others stay, and are logged.
     fn remove_leftovers(&self) -> Result<()> {
+        let vm = self.writer()?;
         let (here, me, now) = (leftover::host_tag(), std::process::id(), SystemTime::now());
         let mut removed = false;
-        for e in std::fs::read_dir(&self.dir).ctx("read directory", &self.dir)? {
-            let e = e.ctx("read directory", &self.dir)?;
-            let name = e.file_name();
-            let name = name.to_string_lossy();
+        for name in vm.names()? {
             let Some(rest) = name
                 .strip_prefix(TMP_PREFIX)
                 .or_else(|| name.strip_prefix(TRASH_PREFIX))
             else {
                 continue;
             };
-            let p = e.path();
-            let md = match std::fs::symlink_metadata(&p) {
-                Ok(md) => md,
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(err) => return Err(Error::io("inspect", &p, err)),
+            let Some(st) = vm.entry_stat(&name)? else {
+                continue;
             };
-            let age = md.modified().ok().and_then(|t| now.duration_since(t).ok());
+            let p = self.dir.join(&name);
+            let age = modified(&st).and_then(|t| now.duration_since(t).ok());
             let owner = leftover::owner(rest);
             if !leftover::abandoned(&owner, age, &here, me, Path::new("/proc")) {
                 log::info!(
@@ -202,25 +200,21 @@ impl VmStore {
                 );
                 continue;
             }
-            if md.is_dir() {
-                fsutil::remove_tree(&p)?;
-            } else {
-                std::fs::remove_file(&p).ctx("remove", &p)?;
-            }
+            vm.remove_entry(&name)?;
             log::info!("removed {} left by an interrupted run", p.display());
             removed = true;
         }
         if removed {
-            fsutil::fsync_dir(&self.dir)?;
+            vm.sync()?;
         }
         Ok(())
     }
 
     /// Write every file, the manifest and SHA256SUMS into `tmp`, fsynced.
-    fn fill(tmp: &Path, files: &[(String, Vec<u8>)], manifest: &Manifest) -> Result<()> {
+    fn fill(tmp: &Dir, files: &[(String, Vec<u8>)], manifest: &Manifest) -> Result<()> {
         let mut sums = Vec::with_capacity(files.len() + 1);
         for (i, (fname, bytes)) in files.iter().enumerate() {
-            fsutil::write_new_synced(&tmp.join(fname), bytes, 0o600)?;
+            tmp.write_new(fname, bytes, 0o600, None)?;
             // Hashed once, for the manifest; hash here only what it lacks.
             let sha = manifest
                 .files
@@ -236,14 +230,10 @@ impl VmStore {
             }
         }
         let mjson = manifest.to_json();
-        fsutil::write_new_synced(&tmp.join(manifest::MANIFEST), &mjson, 0o600)?;
+        tmp.write_new(manifest::MANIFEST, &mjson, 0o600, None)?;
         sums.push((manifest::MANIFEST.to_owned(), manifest::sha256_hex(&mjson)));
-        fsutil::write_new_synced(
-            &tmp.join(manifest::SUMS),
-            &manifest::sums_file(&sums),
-            0o600,
-        )?;
-        fsutil::fsync_dir(tmp)
+        tmp.write_new(manifest::SUMS, &manifest::sums_file(&sums), 0o600, None)?;
+        tmp.sync()
     }
 
     /// Write a new generation holding `files` (name, bytes) and `manifest`,
@@ -255,32 +245,29 @@ impl VmStore {
         manifest: &Manifest,
         keep: usize,
     ) -> Result<(String, Vec<String>)> {
-        self.require_exclusive()?;
+        let vm = self.writer()?;
         let seq = self.next_sequence()?;
         let time = manifest::compact_time(manifest.time_unix);
-        let tmp = self
-            .dir
-            .join(leftover::name(TMP_PREFIX, &format!("{seq:08}-{time}")));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&tmp)
-            .ctx("create directory", &tmp)?;
-        if let Err(e) = Self::fill(&tmp, files, manifest) {
+        let tmp = leftover::name(TMP_PREFIX, &format!("{seq:08}-{time}"));
+        if let Err(e) = vm
+            .mkdir(&tmp, 0o700)
+            .and_then(|d| Self::fill(&d, files, manifest))
+        {
             // Free the space now (a full disk is the usual cause); a crash
             // here would leave it to the next run's clean-up instead.
-            let _ = fsutil::remove_tree(&tmp);
+            let _ = vm.remove_entry(&tmp);
             return Err(e);
         }
         failpoint::hit("store-before-rename");
         let name = match self.place(&tmp, seq, &time) {
             Ok(name) => name,
             Err(e) => {
-                let _ = fsutil::remove_tree(&tmp);
+                let _ = vm.remove_entry(&tmp);
                 return Err(e);
             }
         };
         failpoint::hit("store-after-rename");
-        fsutil::fsync_dir(&self.dir)?;
+        vm.sync()?;
         let removed = self.prune(keep)?;
         Ok((name, removed))
     }
@@ -302,20 +289,21 @@ impl VmStore {
     /// it is free; if it is not, another host wrote while we held the lock
     /// (flock does not work across hosts on this store): say so, and take
     /// the next free number rather than lose this capture.
-    fn place(&self, tmp: &Path, mut seq: u64, time: &str) -> Result<String> {
+    fn place(&self, tmp: &str, mut seq: u64, time: &str) -> Result<String> {
+        let vm = self.writer()?;
         for _ in 0..PLACE_TRIES {
             let name = format!("{seq:08}-{time}");
             let dest = self.dir.join(&name);
-            let e = match rename_no_replace(tmp, &dest) {
+            let e = match vm.rename(tmp, &name, Rename::NoReplace) {
                 Ok(()) => return Ok(name),
                 Err(e) => e,
             };
             let taken = matches!(
-                e.kind(),
-                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty
+                e.io_kind(),
+                Some(std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty)
             );
             if !taken {
-                return Err(Error::io("rename into place", &dest, e));
+                return Err(e);
             }
             log::warn!(
                 "{} appeared while this run held the VM's lock {}: another host wrote \
@@ -388,29 +376,29 @@ impl VmStore {
     /// Remove these directories of the VM's store (generations, or kept
     /// evidence), each renamed to a trash name first.
     pub(crate) fn remove_dirs(&self, doomed: &[String]) -> Result<()> {
-        self.require_exclusive()?;
+        let vm = self.writer()?;
         if doomed.is_empty() {
             return Ok(());
         }
-        let trash: Vec<PathBuf> = doomed
+        let trash: Vec<String> = doomed
             .iter()
-            .map(|g| self.dir.join(leftover::name(TRASH_PREFIX, g)))
+            .map(|g| leftover::name(TRASH_PREFIX, g))
             .collect();
         for (g, t) in doomed.iter().zip(&trash) {
-            std::fs::rename(self.dir.join(g), t).ctx("rename for removal", t)?;
+            vm.rename_for_removal(g, t)?;
             // Its mtime was the capture's: make it the removal's, so that
             // another host judges this trash by when it began (`leftover`).
             // Best effort: it is doomed either way.
-            if let Ok(f) = std::fs::File::open(t) {
-                let _ = f.set_modified(SystemTime::now());
+            if let Ok(d) = vm.open_subdir(t) {
+                let _ = d.set_modified(SystemTime::now());
             }
         }
-        fsutil::fsync_dir(&self.dir)?;
+        vm.sync()?;
         failpoint::hit("prune-after-rename");
         for t in &trash {
-            fsutil::remove_tree(t)?;
+            vm.remove_entry(t)?;
         }
-        fsutil::fsync_dir(&self.dir)
+        vm.sync()
     }
 
     /// Write a directory `name` holding `files` (name, bytes) the way a
@@ -418,57 +406,32 @@ impl VmStore {
     /// run's clean-up if this one dies), every file and the directory
     /// fsynced, renamed into place, the VM's directory fsynced.
     pub(crate) fn add_dir(&self, name: &str, files: &[(String, Vec<u8>)]) -> Result<()> {
-        self.require_exclusive()?;
-        let tmp = self.dir.join(leftover::name(TMP_PREFIX, name));
-        let dest = self.dir.join(name);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&tmp)
-            .ctx("create directory", &tmp)?;
-        let filled = files
-            .iter()
-            .try_for_each(|(n, b)| fsutil::write_new_synced(&tmp.join(n), b, 0o600))
-            .and_then(|()| fsutil::fsync_dir(&tmp));
+        let vm = self.writer()?;
+        let tmp = leftover::name(TMP_PREFIX, name);
+        let filled = vm.mkdir(&tmp, 0o700).and_then(|d| {
+            files
+                .iter()
+                .try_for_each(|(n, b)| d.write_new(n, b, 0o600, None))
+                .and_then(|()| d.sync())
+        });
         if let Err(e) = filled {
-            let _ = fsutil::remove_tree(&tmp);
+            let _ = vm.remove_entry(&tmp);
             return Err(e);
         }
         failpoint::hit("dir-before-rename");
-        if let Err(e) = rename_no_replace(&tmp, &dest) {
-            let _ = fsutil::remove_tree(&tmp);
-            return Err(Error::io("rename into place", &dest, e));
+        if let Err(e) = vm.rename(&tmp, name, Rename::NoReplace) {
+            let _ = vm.remove_entry(&tmp);
+            return Err(e);
         }
-        fsutil::fsync_dir(&self.dir)
+        vm.sync()
     }
 }
 
-/// Rename `from` to `to` unless `to` exists (RENAME_NOREPLACE). Where the
-/// filesystem lacks the flag (EINVAL: GlusterFS's FUSE client, measured;
-/// older NFS), a plain rename: a directory never replaces a non-empty one
-/// (ENOTEMPTY or EEXIST), and a generation always holds its manifest and
-/// SHA256SUMS.
-fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
-    let (f, t) = (c(from)?, c(to)?);
-    // SAFETY: valid NUL-terminated paths; the result is checked.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EINVAL) | Some(libc::ENOSYS) => std::fs::rename(from, to),
-        _ => Err(e),
-    }
+/// When an entry was last modified, from its `stat` (None before 1970).
+fn modified(st: &libc::stat) -> Option<SystemTime> {
+    let secs = u64::try_from(st.st_mtime).ok()?;
+    let nanos = u32::try_from(st.st_mtime_nsec).ok()?;
+    Some(UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
 /// A generation read back and verified: every file against `SHA256SUMS`
@@ -618,14 +581,13 @@ impl VmStore {
     /// Small per-VM records (`migrated-away.json`, `incoming-<host>.json`),
     /// replaced atomically.
     pub fn write_marker(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        self.require_exclusive()?;
-        let tmp = self.dir.join(leftover::name(TMP_PREFIX, name));
-        let _ = std::fs::remove_file(&tmp);
-        fsutil::write_new_synced(&tmp, bytes, 0o600)?;
+        let vm = self.writer()?;
+        let tmp = leftover::name(TMP_PREFIX, name);
+        let _ = vm.remove_file(&tmp);
+        vm.write_new(&tmp, bytes, 0o600, None)?;
         failpoint::hit("marker-before-rename");
-        let dest = self.dir.join(name);
-        std::fs::rename(&tmp, &dest).ctx("rename into place", &dest)?;
-        fsutil::fsync_dir(&self.dir)
+        vm.rename(&tmp, name, Rename::Replace)?;
+        vm.sync()
     }
 
     pub fn read_marker(&self, name: &str) -> Option<Vec<u8>> {
@@ -633,13 +595,11 @@ impl VmStore {
     }
 
     pub fn remove_marker(&self, name: &str) -> Result<()> {
-        self.require_exclusive()?;
-        let p = self.dir.join(name);
-        match std::fs::remove_file(&p) {
-            Ok(()) => fsutil::fsync_dir(&self.dir),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("remove", &p, e)),
+        let vm = self.writer()?;
+        if vm.remove_file(name)? {
+            vm.sync()?;
         }
+        Ok(())
     }
 }
 
@@ -672,23 +632,38 @@ mod tests {
     #[test]
     fn a_rename_into_place_never_replaces_a_generation() {
         let d = scratch("noreplace");
-        let (a, b) = (d.join("a"), d.join("b"));
-        gen_dir(&a, "mine");
+        gen_dir(&d.join("a"), "mine");
         // Empty: a plain rename would replace it (a non-empty one never).
-        std::fs::create_dir(&b).unwrap();
-        let e = rename_no_replace(&a, &b).unwrap_err();
+        std::fs::create_dir(d.join("b")).unwrap();
+        let dir = Dir::open(&d).unwrap();
+        let e = dir.rename("a", "b", Rename::NoReplace).unwrap_err();
         assert!(
             matches!(
-                e.kind(),
-                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty
+                e.io_kind(),
+                Some(std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty)
             ),
             "{e}"
         );
         let read = |p: &Path| std::fs::read_to_string(p.join(manifest::MANIFEST)).unwrap();
-        assert_eq!(read(&a), "mine");
-        assert!(b.read_dir().unwrap().next().is_none());
-        rename_no_replace(&a, &d.join("c")).unwrap();
+        assert_eq!(read(&d.join("a")), "mine");
+        assert!(d.join("b").read_dir().unwrap().next().is_none());
+        dir.rename("a", "c", Rename::NoReplace).unwrap();
         assert_eq!(read(&d.join("c")), "mine");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_reader_writes_nothing() {
+        let d = scratch("reader");
+        let store = Store::new(&d);
+        let uuid = &Uuid::new("11111111-2222-3333-4444-555555555555").unwrap();
+        drop(store.open_vm(uuid, Duration::from_secs(1)).unwrap());
+        let vm = store.read_vm(uuid, Duration::from_secs(1)).unwrap();
+        let err = vm.write_marker("m.json", b"{}").unwrap_err().to_string();
+        assert!(err.contains("needs the exclusive lock"), "{err}");
+        assert!(vm.remove_dirs(&["x".into()]).is_err());
+        assert!(!vm.dir().join("m.json").exists());
+        drop(vm);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -702,9 +677,11 @@ mod tests {
         // honoured) put its own 1 in place meanwhile.
         let time = "20261121T000000Z";
         gen_dir(&vm.dir().join(format!("00000001-{time}")), "theirs");
-        let tmp = vm.dir().join(".tmp-x");
-        gen_dir(&tmp, "mine");
-        assert_eq!(vm.place(&tmp, 1, time).unwrap(), format!("00000002-{time}"));
+        gen_dir(&vm.dir().join(".tmp-x"), "mine");
+        assert_eq!(
+            vm.place(".tmp-x", 1, time).unwrap(),
+            format!("00000002-{time}")
+        );
         let read = |g: &str| std::fs::read_to_string(vm.dir().join(g).join(manifest::MANIFEST));
         assert_eq!(read(&format!("00000001-{time}")).unwrap(), "theirs");
         assert_eq!(read(&format!("00000002-{time}")).unwrap(), "mine");

@@ -3,7 +3,6 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use crate::domain::{Domain, StateSource, Tpm, TpmVersion};
@@ -234,15 +233,15 @@ pub fn check_linear(bytes: &[u8]) -> Result<(), String> {
 /// If a process holds a POSIX (fcntl) lock on the open file, its pid.
 /// A running swtpm holds one on `.lock` (flock would not see it).
 pub fn fcntl_lock_holder(file: &File) -> std::io::Result<Option<i32>> {
-    // SAFETY: flock is plain data; F_GETLK fills it or fails.
+    // SAFETY: libc::flock is a C struct of integers (its fields, and the
+    // padding some architectures add, differ between targets, so it cannot
+    // be written as a literal); all zeroes is a valid value of it.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = 0;
     fl.l_len = 0;
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_GETLK(&mut fl))?;
     if fl.l_type == libc::F_UNLCK as libc::c_short {
         Ok(None)
     } else {

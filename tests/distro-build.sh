@@ -70,7 +70,9 @@ step "source package $(basename "$DSC"), sha256 of the tarball $(sha256sum "buil
 
 # 2. The chroot: build-essential and the Build-Depends, nothing else
 #    (dpkg-checkbuilddeps checks that these cover them).
-PKGS="build-essential debhelper python3 rustc-web=$RUST.* cargo-web=$RUST.* libstd-rust-web-dev=$RUST.*"
+# strace and acl: the root-only tests run here too (durability by trace,
+# the ACL trust check).
+PKGS="build-essential debhelper python3 strace acl rustc-web=$RUST.* cargo-web=$RUST.* libstd-rust-web-dev=$RUST.*"
 TARBALL=$CACHE/chroot-$SUITE.tar
 KEY="$SUITE $MIRROR $PKGS"
 in_root() { # root command...: in the chroot with /proc and /dev, in a private mount namespace

@@ -462,7 +462,7 @@ fn efi_lost(h: &Host) {
     std::fs::remove_file(h.nvram_path()).unwrap();
 }
 
-const WRITERS: [Writer; 4] = [
+const WRITERS: [Writer; 6] = [
     Writer {
         name: "a capture (the first: store and VM directory made)",
         setup: |h| {
@@ -524,6 +524,58 @@ const WRITERS: [Writer; 4] = [
                 std::fs::read(h.nvram_path()).unwrap(),
                 vec![7u8; 128 * 1024]
             );
+        },
+    },
+    Writer {
+        name: "a live capture of a running VM (capture --all, and what it saw in run_dir)",
+        setup: |h| {
+            h.put_state(
+                UUID_TRANS,
+                &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
+            );
+            let run = h.root.join("run-libvirt");
+            std::fs::create_dir_all(&run).unwrap();
+            let me = std::process::id();
+            let status = format!(
+                "<domstatus state='running' reason='booted' pid='{me}'>\n{}\n</domstatus>\n",
+                String::from_utf8(transient_xml()).unwrap()
+            );
+            std::fs::write(run.join("tpmtrans.xml"), status).unwrap();
+            std::fs::write(run.join("tpmtrans.pid"), me.to_string()).unwrap();
+            // Under a parent of its own, as /run/swtpm-keeper is: the
+            // store's syncs of the host root cover nothing of it.
+            std::fs::create_dir_all(h.root.join("run")).unwrap();
+            let mut conf = std::fs::read_to_string(&h.conf).unwrap();
+            conf.push_str(&format!(
+                "libvirt_run_dir = {run:?}\nrun_dir = {:?}\n",
+                h.root.join("run/swtpm-keeper")
+            ));
+            std::fs::write(&h.conf, conf).unwrap();
+            (["capture", "--all"].map(String::from).to_vec(), Vec::new())
+        },
+        done: |h| assert_eq!(h.generations(UUID_TRANS).len(), 1),
+    },
+    Writer {
+        name: "a corrupt state mended at prepare (evidence kept, the good state put back)",
+        setup: |h| {
+            efi_lost(h);
+            h.put_state(UUID_EFI, &[("tpm2-00.permall", b"")]);
+            (hook_args("efitest", "prepare", "begin"), h.efi_xml())
+        },
+        done: |h| {
+            let p = h.state_dir(UUID_EFI).join("tpm2-00.permall");
+            assert!(std::fs::metadata(p).unwrap().len() > 0, "not mended");
+            let evidence = std::fs::read_dir(h.vm_store(UUID_EFI))
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("corrupt-")
+                })
+                .count();
+            assert_eq!(evidence, 1, "no evidence kept");
         },
     },
 ];

@@ -158,10 +158,17 @@ fn a_state_renamed_over_during_the_read_is_stored_as_one_whole_version() {
             }
         })
     };
+    // On a loaded machine a pass may find no two reads alike: it then
+    // stores nothing and says so; most passes store a version.
+    let mut stored = 0;
     for _ in 0..5 {
         let out = h.run(&["capture", "tpmtrans"], b"");
-        assert_ok(&out);
+        match out.status.code() {
+            Some(0) => stored += 1,
+            _ => assert!(stderr(&out).contains("did not settle"), "{}", stderr(&out)),
+        }
     }
+    assert!(stored > 0, "no pass stored a version");
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     for g in h.generations(UUID_TRANS) {
@@ -192,7 +199,7 @@ fn a_permall_renamed_away_by_swtpms_backup_mode_is_waited_for_then_reported() {
 }
 
 #[test]
-fn an_nvram_written_during_every_read_is_not_captured_this_round() {
+fn an_nvram_rewritten_in_place_during_the_reads_is_stored_whole_or_not_at_all() {
     let h = live_host("live-nvram", "");
     let d = h.put_state(
         UUID_EFI,
@@ -208,26 +215,73 @@ fn an_nvram_written_during_every_read_is_not_captured_this_round() {
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (p, stop) = (nvram.clone(), stop.clone());
-        // As QEMU's pflash does: in place, the same size.
+        // As QEMU's pflash does: in place, the same size, never truncated;
+        // each version one byte value throughout, written in two halves.
         std::thread::spawn(move || {
-            let mut i = 0u8;
+            use std::io::Write;
+            let mut f = std::fs::File::options().write(true).open(&p).unwrap();
+            let mut i = 1u8;
             while !stop.load(Ordering::Relaxed) {
-                std::fs::write(&p, vec![i; 65536]).unwrap();
-                i = i.wrapping_add(1);
-                std::thread::sleep(Duration::from_millis(2));
+                for half in 0..2u64 {
+                    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(half * 32768)).unwrap();
+                    f.write_all(&[i; 32768]).unwrap();
+                }
+                i = i.wrapping_add(1).max(1);
+                std::thread::sleep(Duration::from_millis(1));
             }
         })
     };
     let out = h.run(&["capture", "efitest"], b"");
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
+    // However the writer was scheduled: one whole version, or nothing.
+    match out.status.code() {
+        Some(0) => {
+            let g = h.generations(UUID_EFI).pop().unwrap();
+            let stored = std::fs::read(h.vm_store(UUID_EFI).join(&g).join("nvram.fd")).unwrap();
+            assert!(
+                stored.iter().all(|b| *b == stored[0]),
+                "a torn NVRAM was stored"
+            );
+        }
+        _ => {
+            assert!(stderr(&out).contains("did not settle"), "{}", stderr(&out));
+            assert!(
+                h.generations(UUID_EFI).is_empty(),
+                "no TPM without its NVRAM"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_nvram_that_cannot_be_read_means_no_generation_not_a_tpm_alone() {
+    let h = live_host("live-nvram-bad", "");
+    let d = h.put_state(
+        UUID_EFI,
+        &[
+            ("tpm2-00.permall", &fixture("tpm2-00.permall.encrypted")),
+            (".lock", b""),
+        ],
+    );
+    let swtpm = FcntlHolder::hold(&d.join(".lock"));
+    set_running(&h, "efitest", &h.efi_xml(), swtpm.pid(), "running", "");
+    // Not a regular file: no retry mends it.
+    std::fs::create_dir_all(h.nvram_path()).unwrap();
+    let out = h.run(&["capture", "efitest"], b"");
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
-    assert!(stderr(&out).contains("did not settle"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a regular file"),
+        "{}",
+        stderr(&out)
+    );
     assert!(
         h.generations(UUID_EFI).is_empty(),
         "no TPM without its NVRAM"
     );
-    // Quiet again: TPM and NVRAM together.
+    // A regular NVRAM again: TPM and NVRAM together.
+    std::fs::remove_dir(h.nvram_path()).unwrap();
+    std::fs::write(h.nvram_path(), vec![3u8; 65536]).unwrap();
     let out = h.run(&["capture", "efitest"], b"");
     assert_ok(&out);
     assert!(

@@ -83,7 +83,15 @@ fn capture_running(cfg: &Config, vm: &RunningVm, all: bool) -> Result<Done> {
         return Ok(Done::Skipped(Some(why)));
     }
     let store = Store::new(&cfg.store_dir);
-    let locked = store.open_vm(&vm.domain.uuid, cfg.lock_timeout())?;
+    let uuid = &vm.domain.uuid;
+    // Unchanged VMs (most, most of the time) under a shared lock only.
+    if store.vm_dir(uuid).is_dir() {
+        let shared = store.read_vm(uuid, cfg.lock_timeout())?;
+        if let Some(unchanged) = capture::unchanged_running(cfg, &shared, vm)? {
+            return Ok(Done::Kept(unchanged));
+        }
+    }
+    let locked = store.open_vm(uuid, cfg.lock_timeout())?;
     let outcome = capture::capture_running(cfg, &locked, vm)?;
     log_outcome(&vm.domain, "capture/live", &outcome);
     Ok(Done::Kept(outcome))

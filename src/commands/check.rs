@@ -48,8 +48,10 @@ fn process_start(proc: &Path, pid: u32) -> Option<i64> {
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse().ok()))?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as i64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(1, |hz| hz.max(1));
     Some(btime + ticks / hz)
 }
 
@@ -415,8 +417,7 @@ pub fn run(source: &Source, out: &mut dyn Write) -> Result<i32> {
     let mut r = Report { out, fixes: 0 };
     let (cfg, config_line) = check_config(source)?;
     let mut findings = vec![config_line];
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         let line = "not run as root: some checks may be incomplete";
         findings.push((Level::Warn, line.into()));
     }
@@ -535,8 +536,8 @@ mod tests {
     fn daemons_are_found_by_name_in_proc_and_dated_from_their_start() {
         let t = fake_proc("daemons", 4242, "libvirtd", 500 * 100);
         assert_eq!(daemons(&t), vec![("libvirtd".to_owned(), 4242)]);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as i64;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap();
+        let hz = hz.unwrap();
         assert_eq!(process_start(&t, 4242), Some(1_000_000 + 500 * 100 / hz));
         std::fs::remove_dir_all(&t).unwrap();
         let t = fake_proc("other", 4243, "bash", 1);
@@ -569,8 +570,7 @@ mod tests {
         std::fs::set_permissions(t.join("store"), PermissionsExt::from_mode(0o755)).unwrap();
         assert_eq!(check_store(&t.join("store")).0, Level::Fix);
         std::fs::set_permissions(t.join("store"), PermissionsExt::from_mode(0o700)).unwrap();
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = nix::unistd::geteuid().is_root();
         let expect = if root { Level::Ok } else { Level::Fix };
         assert_eq!(check_store(&t.join("store")).0, expect);
         std::fs::remove_dir_all(&t).unwrap();

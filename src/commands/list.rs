@@ -64,6 +64,7 @@ fn table(vms: &[VmSummary]) -> String {
                 (v.defined, "defined"),
                 (v.protected, "protected"),
                 (v.evidence > 0, "corrupt-evidence"),
+                (v.newest.as_ref().is_some_and(|n| n.live), "live"),
             ] {
                 if on {
                     flags.push(f);

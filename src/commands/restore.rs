@@ -19,8 +19,9 @@ use crate::swtpm::{self, StateLocation};
 fn running_pid(cfg: &Config, name: &str) -> Option<i32> {
     let text = std::fs::read_to_string(cfg.libvirt_run_dir.join(format!("{name}.pid"))).ok()?;
     let pid: i32 = text.trim().parse().ok()?;
-    // SAFETY: signal 0 only checks that the process exists.
-    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+    // No signal: it only checks that the process exists.
+    let alive = || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    (pid > 0 && alive()).then_some(pid)
 }
 
 /// Does a swtpm hold its lock in the state dir?

@@ -235,13 +235,18 @@ fn render_generation(s: &mut String, uuid: &str, g: &GenerationJson) {
         return;
     };
     s.push_str(&format!(
-        "{}  captured {} on {}, event {}/{} reason {}\n",
+        "{}  captured {} on {}, event {}/{} reason {}{}\n",
         g.generation,
         m.time,
         sanitize(&m.host),
         m.event,
         m.sub_event,
-        m.reason
+        m.reason,
+        if m.live {
+            format!(" ({})", m.taken())
+        } else {
+            String::new()
+        }
     ));
     if let Some(p) = &g.protected {
         s.push_str(&format!(

@@ -175,10 +175,14 @@ impl Host {
     /// before or without a configuration, arrives where `logs` reads,
     /// whether or not the machine has a `/dev/log`.
     pub fn with_own_dev_log(&self, program: &Path, args: &[&str]) -> Command {
+        // Private before anything is mounted, so nothing reaches the host's
+        // /dev: the root where it is a mount point, else (a chroot, whose /
+        // is no mount point) the /dev mount itself; neither: refuse.
         let mut c = Command::new("unshare");
-        c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        c.args(["--mount", "--propagation", "unchanged", "--", "sh", "-c"])
             .arg(
-                "mount -t tmpfs -o mode=0755 swk-dev /dev && mknod -m 0666 /dev/null c 1 3 \
+                "{ mount --make-rprivate / 2>/dev/null || mount --make-rprivate /dev; } || exit 97; \
+                 mount -t tmpfs -o mode=0755 swk-dev /dev && mknod -m 0666 /dev/null c 1 3 \
                  && ln -s \"$0\" /dev/log && exec \"$@\"",
             )
             .arg(self.log_socket())
