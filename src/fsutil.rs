@@ -390,6 +390,17 @@ impl Dir {
         Ok(File::from(fd))
     }
 
+    /// Give `src`'s file `from` a second name `name` here (a hard link),
+    /// never through a symlink: a file that did not change is kept once,
+    /// not written again. Its data is already durable; the new name is
+    /// made durable by syncing this directory.
+    pub fn link_from(&self, src: &Dir, from: &str, name: &str) -> Result<()> {
+        let p = self.path.join(name);
+        unistd::linkat(&src.fd, from, &self.fd, name, AtFlags::empty())
+            .map_err(io::Error::from)
+            .ctx("link", &p)
+    }
+
     pub fn mkdir(&self, name: &str, mode: u32) -> Result<Dir> {
         let p = self.path.join(name);
         stat::mkdirat(&self.fd, name, Mode::from_bits_retain(mode))

@@ -211,10 +211,17 @@ impl VmStore {
     }
 
     /// Write every file, the manifest and SHA256SUMS into `tmp`, fsynced.
-    fn fill(tmp: &Dir, files: &[(String, Vec<u8>)], manifest: &Manifest) -> Result<()> {
+    fn fill(
+        tmp: &Dir,
+        files: &[(String, Vec<u8>)],
+        manifest: &Manifest,
+        prev: Option<&Dir>,
+    ) -> Result<()> {
         let mut sums = Vec::with_capacity(files.len() + 1);
         for (i, (fname, bytes)) in files.iter().enumerate() {
-            tmp.write_new(fname, bytes, 0o600, None)?;
+            if !(fname == manifest::NVRAM && linked_unchanged(tmp, prev, fname, bytes)) {
+                tmp.write_new(fname, bytes, 0o600, None)?;
+            }
             // Hashed once, for the manifest; hash here only what it lacks.
             let sha = manifest
                 .files
@@ -249,9 +256,14 @@ impl VmStore {
         let seq = self.next_sequence()?;
         let time = manifest::compact_time(manifest.time_unix);
         let tmp = leftover::name(TMP_PREFIX, &format!("{seq:08}-{time}"));
+        // The newest generation, whose unchanged NVRAM is linked, not copied.
+        let prev = self
+            .generations()?
+            .pop()
+            .and_then(|g| vm.open_subdir(&g).ok());
         if let Err(e) = vm
             .mkdir(&tmp, 0o700)
-            .and_then(|d| Self::fill(&d, files, manifest))
+            .and_then(|d| Self::fill(&d, files, manifest, prev.as_ref()))
         {
             // Free the space now (a full disk is the usual cause); a crash
             // here would leave it to the next run's clean-up instead.
@@ -432,6 +444,27 @@ fn modified(st: &libc::stat) -> Option<SystemTime> {
     let secs = u64::try_from(st.st_mtime).ok()?;
     let nanos = u32::try_from(st.st_mtime_nsec).ok()?;
     Some(UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// Link `name` from the previous generation when its bytes there are
+/// exactly `bytes` (compared, not trusted from a checksum): an NVRAM that
+/// did not change costs a directory entry, not 540 KB, at each live
+/// capture. Generations stay whole directories; removing one leaves the
+/// other's name. False (write it) when there is no such file or the
+/// filesystem refuses the link.
+fn linked_unchanged(tmp: &Dir, prev: Option<&Dir>, name: &str, bytes: &[u8]) -> bool {
+    let Some(prev) = prev else {
+        return false;
+    };
+    let same = prev.open_file(name).is_ok_and(|mut f| {
+        let st = fsutil::fstat(&f);
+        let regular = st.is_ok_and(|st| {
+            st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size as usize == bytes.len()
+        });
+        let mut old = Vec::with_capacity(bytes.len());
+        regular && std::io::Read::read_to_end(&mut f, &mut old).is_ok() && old == bytes
+    });
+    same && tmp.link_from(prev, name, name).is_ok()
 }
 
 /// A generation read back and verified: every file against `SHA256SUMS`

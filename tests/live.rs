@@ -450,3 +450,52 @@ fn check_warns_of_a_running_vm_never_captured_or_captured_too_long_ago() {
         "{text}"
     );
 }
+
+#[test]
+fn an_unchanged_nvram_is_kept_once_not_written_again_and_survives_pruning() {
+    use std::os::unix::fs::MetadataExt;
+    let h = live_host("live-nvram-once", "generations = 2\n");
+    let d = h.put_state(
+        UUID_EFI,
+        &[
+            ("tpm2-00.permall", &fixture("tpm2-00.permall.encrypted")),
+            (".lock", b""),
+        ],
+    );
+    let swtpm = FcntlHolder::hold(&d.join(".lock"));
+    set_running(&h, "efitest", &h.efi_xml(), swtpm.pid(), "running", "");
+    std::fs::write(h.nvram_path(), vec![5u8; 65536]).unwrap();
+    assert_ok(&h.run(&["capture", "efitest"], b""));
+    let inode = |g: &str| {
+        std::fs::metadata(h.vm_store(UUID_EFI).join(g).join("nvram.fd"))
+            .unwrap()
+            .ino()
+    };
+    // The TPM changes, the NVRAM does not: the new generation links it.
+    let mut p = fixture("tpm2-00.permall.encrypted");
+    p[300] ^= 1;
+    std::fs::write(d.join("tpm2-00.permall"), &p).unwrap();
+    assert_ok(&h.run(&["capture", "efitest"], b""));
+    let g = h.generations(UUID_EFI);
+    assert_eq!(g.len(), 2);
+    assert_eq!(
+        inode(&g[0]),
+        inode(&g[1]),
+        "the unchanged NVRAM was written again"
+    );
+    // The NVRAM changes too: a file of its own.
+    p[301] ^= 1;
+    std::fs::write(d.join("tpm2-00.permall"), &p).unwrap();
+    std::fs::write(h.nvram_path(), vec![6u8; 65536]).unwrap();
+    assert_ok(&h.run(&["capture", "efitest"], b""));
+    let g = h.generations(UUID_EFI);
+    assert_eq!(g.len(), 2, "pruned to 2: {g:?}");
+    assert_ne!(inode(&g[0]), inode(&g[1]));
+    // The generation whose NVRAM was linked outlived the one it came from.
+    let out = h.run(&["verify"], b"");
+    assert_ok(&out);
+    assert_eq!(
+        std::fs::read(h.vm_store(UUID_EFI).join(&g[0]).join("nvram.fd")).unwrap(),
+        vec![5u8; 65536]
+    );
+}

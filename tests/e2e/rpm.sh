@@ -38,6 +38,8 @@ check "installed: check sees libvirtd running the hook (%post reloaded it)" \
 check "installed: the hook is in qemu.d, pointing at the binary" test "$(readlink -f "$HOOK")" = "$BIN"
 check "installed: the store is root 0700" test "$(stat -c %U:%a /var/lib/swtpm-keeper)" = root:700
 check "installed: the store kept what it held" test -e "$SENTINEL/sentinel"
+check "installed: the capture timer and its service are systemd units" \
+    sh -c "[ -f /usr/lib/systemd/system/swtpm-keeper-capture.timer ] && grep -q 'ExecStart=/usr/sbin/swtpm-keeper capture --all' /usr/lib/systemd/system/swtpm-keeper-capture.service"
 check "installed: /usr/sbin/swtpm-keeper is the same binary" test "$(readlink -f /usr/sbin/swtpm-keeper)" = "$BIN"
 check "installed: rpm -V finds every file as packaged" quiet rpm -V --nodeps swtpm-keeper
 
