@@ -422,16 +422,7 @@ fn a_crash_at_any_step_of_a_mend_leaves_the_corrupt_or_the_good_state() {
 
         assert_ok(&hook(&h, "prepare", "begin", None));
         assert_eq!(std::fs::read(&permall).unwrap(), good, "{fp}");
-        let kept = std::fs::read_dir(h.vm_store(UUID_TRANS))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("corrupt-")
-            })
-            .count();
+        let kept = h.store_entries(UUID_TRANS, "corrupt-").len();
         assert!(kept >= 1, "{fp}: no evidence kept");
         for d in [h.vm_store(UUID_TRANS), h.swtpm.join(UUID_TRANS)] {
             assert_eq!(

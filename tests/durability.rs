@@ -565,16 +565,7 @@ const WRITERS: [Writer; 6] = [
         done: |h| {
             let p = h.state_dir(UUID_EFI).join("tpm2-00.permall");
             assert!(std::fs::metadata(p).unwrap().len() > 0, "not mended");
-            let evidence = std::fs::read_dir(h.vm_store(UUID_EFI))
-                .unwrap()
-                .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with("corrupt-")
-                })
-                .count();
+            let evidence = h.store_entries(UUID_EFI, "corrupt-").len();
             assert_eq!(evidence, 1, "no evidence kept");
         },
     },

@@ -52,6 +52,15 @@ fn running_trans(h: &Host, permall: &[u8]) -> FcntlHolder {
     swtpm
 }
 
+/// The EFI fixture VM, running with `permall`: its state dir and a
+/// process holding swtpm's lock (also standing in for QEMU's pid).
+fn running_efi(h: &Host, permall: &[u8]) -> (std::path::PathBuf, FcntlHolder) {
+    let d = h.put_state(UUID_EFI, &[("tpm2-00.permall", permall), (".lock", b"")]);
+    let swtpm = FcntlHolder::hold(&d.join(".lock"));
+    set_running(h, "efitest", &h.efi_xml(), swtpm.pid(), "running", "");
+    (d, swtpm)
+}
+
 fn manifest(h: &Host, uuid: &str, g: &str) -> serde_json::Value {
     let b = std::fs::read(h.vm_store(uuid).join(g).join("manifest.json")).unwrap();
     serde_json::from_slice(&b).unwrap()
@@ -201,15 +210,7 @@ fn a_permall_renamed_away_by_swtpms_backup_mode_is_waited_for_then_reported() {
 #[test]
 fn an_nvram_rewritten_in_place_during_the_reads_is_stored_whole_or_not_at_all() {
     let h = live_host("live-nvram", "");
-    let d = h.put_state(
-        UUID_EFI,
-        &[
-            ("tpm2-00.permall", &fixture("tpm2-00.permall.encrypted")),
-            (".lock", b""),
-        ],
-    );
-    let swtpm = FcntlHolder::hold(&d.join(".lock"));
-    set_running(&h, "efitest", &h.efi_xml(), swtpm.pid(), "running", "");
+    let (_, _swtpm) = running_efi(&h, &fixture("tpm2-00.permall.encrypted"));
     let nvram = h.nvram_path();
     std::fs::write(&nvram, vec![0u8; 65536]).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -257,15 +258,7 @@ fn an_nvram_rewritten_in_place_during_the_reads_is_stored_whole_or_not_at_all() 
 #[test]
 fn an_nvram_that_cannot_be_read_means_no_generation_not_a_tpm_alone() {
     let h = live_host("live-nvram-bad", "");
-    let d = h.put_state(
-        UUID_EFI,
-        &[
-            ("tpm2-00.permall", &fixture("tpm2-00.permall.encrypted")),
-            (".lock", b""),
-        ],
-    );
-    let swtpm = FcntlHolder::hold(&d.join(".lock"));
-    set_running(&h, "efitest", &h.efi_xml(), swtpm.pid(), "running", "");
+    let (_, _swtpm) = running_efi(&h, &fixture("tpm2-00.permall.encrypted"));
     // Not a regular file: no retry mends it.
     std::fs::create_dir_all(h.nvram_path()).unwrap();
     let out = h.run(&["capture", "efitest"], b"");
@@ -407,12 +400,7 @@ fn live_captures_never_push_out_the_newest_capture_taken_at_a_stop() {
 fn every_vm_is_tried_and_any_failure_exits_1() {
     let h = live_host("live-partial", "");
     let _good = running_trans(&h, &fixture("tpm2-00.permall.plain"));
-    let d = h.put_state(
-        UUID_EFI,
-        &[("tpm2-00.permall", b"not a swtpm blob"), (".lock", b"")],
-    );
-    let bad = FcntlHolder::hold(&d.join(".lock"));
-    set_running(&h, "efitest", &h.efi_xml(), bad.pid(), "running", "");
+    let (_, _bad) = running_efi(&h, b"not a swtpm blob");
     let out = h.run(&["capture", "--all"], b"");
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -455,15 +443,7 @@ fn check_warns_of_a_running_vm_never_captured_or_captured_too_long_ago() {
 fn an_unchanged_nvram_is_kept_once_not_written_again_and_survives_pruning() {
     use std::os::unix::fs::MetadataExt;
     let h = live_host("live-nvram-once", "generations = 2\n");
-    let d = h.put_state(
-        UUID_EFI,
-        &[
-            ("tpm2-00.permall", &fixture("tpm2-00.permall.encrypted")),
-            (".lock", b""),
-        ],
-    );
-    let swtpm = FcntlHolder::hold(&d.join(".lock"));
-    set_running(&h, "efitest", &h.efi_xml(), swtpm.pid(), "running", "");
+    let (d, _swtpm) = running_efi(&h, &fixture("tpm2-00.permall.encrypted"));
     std::fs::write(h.nvram_path(), vec![5u8; 65536]).unwrap();
     assert_ok(&h.run(&["capture", "efitest"], b""));
     let inode = |g: &str| {

@@ -33,18 +33,7 @@ fn prepare(h: &Host, xml: &[u8]) -> std::process::Output {
 
 /// The evidence directories in the VM's store.
 fn evidence(h: &Host) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(h.vm_store(UUID_TRANS))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("corrupt-")
-        })
-        .collect();
-    v.sort();
-    v
+    h.store_entries(UUID_TRANS, "corrupt-")
 }
 
 fn record(dir: &Path) -> serde_json::Value {

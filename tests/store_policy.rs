@@ -204,16 +204,7 @@ fn a_capture_over_max_generation_size_is_refused_and_the_store_keeps_what_it_had
         ),
         "{logs:?}"
     );
-    let leftovers = std::fs::read_dir(h.vm_store(UUID_TRANS))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".tmp")
-        })
-        .count();
+    let leftovers = h.store_entries(UUID_TRANS, ".tmp").len();
     assert_eq!(leftovers, 0);
 }
 

@@ -150,6 +150,20 @@ impl Host {
         self.store.join(uuid)
     }
 
+    /// The entries of a VM's store directory whose names start with
+    /// `prefix` (evidence `corrupt-`, temporaries `.tmp-`), sorted.
+    pub fn store_entries(&self, uuid: &str, prefix: &str) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = match std::fs::read_dir(self.vm_store(uuid)) {
+            Ok(rd) => rd
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort();
+        v
+    }
+
     /// Complete generations of a VM, oldest first.
     pub fn generations(&self, uuid: &str) -> Vec<String> {
         let mut v: Vec<String> = match std::fs::read_dir(self.vm_store(uuid)) {
