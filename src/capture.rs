@@ -134,15 +134,9 @@ fn read_state(
 ) -> Result<Option<(Vec<Captured>, u16)>> {
     match loc {
         StateLocation::File(path) => {
-            let r = FileRead {
-                path,
-                max,
-                patience: live::STATE_PATIENCE,
-                must_exist: false,
-            };
-            let open = || fsutil::open_if_exists(path, false);
-            let Some((data, ())) = read_counted(reading, &r, open, swtpm::check_linear, budget)?
-            else {
+            let patience = live::STATE_PATIENCE;
+            let check = swtpm::check_linear;
+            let Some((data, ())) = read_path(reading, path, max, patience, check, budget)? else {
                 return Ok(None);
             };
             let c = Captured {
@@ -266,18 +260,36 @@ fn read_nvram(
     max: u64,
     budget: &mut Budget,
 ) -> Result<Option<FileData>> {
-    let r = FileRead {
-        path,
-        max,
-        patience: live::NVRAM_PATIENCE,
-        must_exist: false,
-    };
-    let open = || fsutil::open_if_exists(path, false);
     let not_empty = |b: &[u8]| match b.is_empty() {
         true => Err("the NVRAM file is empty".to_owned()),
         false => Ok(()),
     };
-    Ok(read_counted(reading, &r, open, not_empty, budget)?.map(|(d, ())| d))
+    let patience = live::NVRAM_PATIENCE;
+    Ok(read_path(reading, path, max, patience, not_empty, budget)?.map(|(d, ())| d))
+}
+
+/// The file at `path`, if there is one, read as `reading` allows.
+fn read_path<T>(
+    reading: Reading,
+    path: &Path,
+    max: u64,
+    patience: live::Patience,
+    check: impl Fn(&[u8]) -> std::result::Result<T, String>,
+    budget: &mut Budget,
+) -> Result<Option<(FileData, T)>> {
+    let r = FileRead {
+        path,
+        max,
+        patience,
+        must_exist: false,
+    };
+    read_counted(
+        reading,
+        &r,
+        || fsutil::open_if_exists(path, false),
+        check,
+        budget,
+    )
 }
 
 /// libvirt's inactive definition of a persistent domain, if it has one
