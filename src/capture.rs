@@ -165,7 +165,7 @@ fn read_state_dir(
     if reading == Reading::AtStop {
         wait_for_swtpm_exit(&dir, dir_path)?;
     }
-    let Some(names) = state_names(&dir, dir_path, version, reading)? else {
+    let Some((names, backup_mode)) = state_names(&dir, dir_path, version, reading)? else {
         return Ok(None);
     };
     let permall = swtpm::permall_name(version);
@@ -179,6 +179,8 @@ fn read_state_dir(
             max,
             patience: live::STATE_PATIENCE,
             must_exist: is_permall,
+            // Without its backup mode swtpm replaces its files by rename.
+            replaced_whole: !backup_mode,
         };
         let open = || match fsutil::open_in_dir(&dir, OsStr::new(&name)) {
             Ok(f) => Ok(Some(f)),
@@ -203,15 +205,16 @@ fn read_state_dir(
     Ok(Some((out, flags)))
 }
 
-/// The names of swtpm's state files in `dir`, sorted; `None` without a
-/// permanent state. Live, a `permall` renamed to `.bak` by swtpm's backup
-/// mode counts as there: it is being written again.
+/// The names of swtpm's state files in `dir`, sorted, and whether swtpm's
+/// backup mode is at work (a `permall.bak` beside them: it rewrites
+/// `permall` in place); `None` without a permanent state. Live, a
+/// `permall` renamed to `.bak` counts as there: it is being written again.
 fn state_names(
     dir: &File,
     dir_path: &Path,
     version: TpmVersion,
     reading: Reading,
-) -> Result<Option<Vec<String>>> {
+) -> Result<Option<(Vec<String>, bool)>> {
     let listed = fsutil::list_dir(dir, dir_path)?;
     let mut names: Vec<String> = listed
         .iter()
@@ -220,14 +223,15 @@ fn state_names(
         .collect();
     let permall = swtpm::permall_name(version);
     let backup = format!("{permall}.bak");
+    let backup_mode = listed.iter().any(|n| n == OsStr::new(&backup));
     if !names.contains(&permall) {
-        if reading == Reading::AtStop || !listed.iter().any(|n| n == OsStr::new(&backup)) {
+        if reading == Reading::AtStop || !backup_mode {
             return Ok(None);
         }
         names.push(permall);
     }
     names.sort();
-    Ok(Some(names))
+    Ok(Some((names, backup_mode)))
 }
 
 /// Never copy a live state: wait briefly for swtpm to drop its fcntl lock.
@@ -277,11 +281,13 @@ fn read_path<T>(
     check: impl Fn(&[u8]) -> std::result::Result<T, String>,
     budget: &mut Budget,
 ) -> Result<Option<(FileData, T)>> {
+    // The linear file and the NVRAM are written in place.
     let r = FileRead {
         path,
         max,
         patience,
         must_exist: false,
+        replaced_whole: false,
     };
     read_counted(
         reading,

@@ -120,6 +120,10 @@ pub struct FileRead<'a> {
     /// versions (swtpm's backup mode renames `permall` away, then writes
     /// it again). Otherwise an absent file is `None`.
     pub must_exist: bool,
+    /// Its writer only ever replaces it by a rename (swtpm's directory
+    /// backend, without its backup mode): the inode one open holds never
+    /// changes, so one read is one whole version.
+    pub replaced_whole: bool,
 }
 
 /// Read `r.path`, opened by `open` (`None`: it does not exist), and check
@@ -142,7 +146,7 @@ pub fn read_file<T>(
         }
         Some(mut f) => {
             refuse_never_settling(&f, r)?;
-            if let Some(done) = read_quiet(&mut f, r, &check) {
+            if let Some(done) = read_once(&mut f, r, &check) {
                 return Ok(Some(done));
             }
         }
@@ -163,6 +167,21 @@ pub fn read_file<T>(
     })?;
     let t = check(&d.bytes).map_err(refusing)?;
     Ok(Some((d, t)))
+}
+
+/// One read suffices for a file replaced only by renames, and for a quiet
+/// one; `None`: read it the patient way.
+fn read_once<T>(
+    f: &mut File,
+    r: &FileRead,
+    check: &impl Fn(&[u8]) -> std::result::Result<T, String>,
+) -> Option<(FileData, T)> {
+    if !r.replaced_whole {
+        return read_quiet(f, r, check);
+    }
+    let d = fsutil::read_regular(f, r.path, r.max).ok()?;
+    let t = check(&d.bytes).ok()?;
+    Some((d, t))
 }
 
 /// A file nobody wrote for this long is quiet: a write while it is read
@@ -343,6 +362,7 @@ mod tests {
             max: 1 << 20,
             patience: QUICK,
             must_exist: true,
+            replaced_whole: false,
         };
         let ok = |_: &[u8]| Ok::<(), String>(());
         let mut f = File::open(&p).unwrap();
@@ -368,6 +388,27 @@ mod tests {
             read_quiet(&mut f, &r, &bad).is_none(),
             "a failed check reads again"
         );
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn a_file_replaced_only_by_renames_is_read_once_even_just_written() {
+        let p = std::env::temp_dir().join(format!("swk-renamed-{}", std::process::id()));
+        std::fs::write(&p, b"state").unwrap();
+        let mut r = FileRead {
+            path: &p,
+            max: 1 << 20,
+            patience: QUICK,
+            must_exist: true,
+            replaced_whole: true,
+        };
+        let ok = |_: &[u8]| Ok::<(), String>(());
+        let mut f = File::open(&p).unwrap();
+        assert_eq!(read_once(&mut f, &r, &ok).unwrap().0.bytes, b"state");
+        // Written in place (swtpm's backup mode): just written is not enough.
+        r.replaced_whole = false;
+        let mut f = File::open(&p).unwrap();
+        assert!(read_once(&mut f, &r, &ok).is_none());
         std::fs::remove_file(&p).unwrap();
     }
 }
