@@ -234,4 +234,59 @@ mod tests {
         assert!(abandoned(&run(10), young, "here", 10, &proc), "this run");
         std::fs::remove_dir_all(&proc).unwrap();
     }
+
+    #[test]
+    fn a_keeper_started_by_another_name_or_replaced_by_an_upgrade_counts_as_alive() {
+        let proc = std::env::temp_dir().join(format!("swk-leftover-exe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&proc);
+        std::fs::create_dir_all(proc.join("self")).unwrap();
+        std::os::unix::fs::symlink(
+            "/usr/libexec/swtpm-keeper/swtpm-keeper",
+            proc.join("self/exe"),
+        )
+        .unwrap();
+        let pid_dir = |pid: u32, comm: &str| {
+            let d = proc.join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("comm"), comm).unwrap();
+            d
+        };
+        // A hook started as `qemu`: the same executable.
+        let same = pid_dir(20, "qemu\n");
+        std::os::unix::fs::symlink("/usr/libexec/swtpm-keeper/swtpm-keeper", same.join("exe"))
+            .unwrap();
+        // Still running the executable an upgrade replaced.
+        let old = pid_dir(21, "qemu\n");
+        std::os::unix::fs::symlink(
+            "/usr/libexec/swtpm-keeper/swtpm-keeper (deleted)",
+            old.join("exe"),
+        )
+        .unwrap();
+        // Another program.
+        let other = pid_dir(22, "qemu\n");
+        std::os::unix::fs::symlink("/usr/bin/qemu-system-x86_64", other.join("exe")).unwrap();
+        // Its exe cannot be read (not a link here; EACCES for real): alive.
+        let unreadable = pid_dir(23, "qemu\n");
+        std::fs::write(unreadable.join("exe"), b"").unwrap();
+        // Its comm cannot be read (a directory here): alive.
+        std::fs::create_dir_all(proc.join("24/comm")).unwrap();
+        assert!(
+            is_live_keeper(&proc, 20),
+            "the same executable by another name"
+        );
+        assert!(is_live_keeper(&proc, 21), "the replaced executable");
+        assert!(!is_live_keeper(&proc, 22), "another program");
+        assert!(is_live_keeper(&proc, 23), "an exe that cannot be read");
+        assert!(is_live_keeper(&proc, 24), "a comm that cannot be read");
+        std::fs::remove_dir_all(&proc).unwrap();
+    }
+
+    #[test]
+    fn temporaries_carry_this_hosts_name() {
+        // The kernel's own record of the name, not the code under test.
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(host_tag(), tag(kernel.trim()));
+        assert!(name(".tmp-", "x").starts_with(&format!(".tmp-{}@", tag(kernel.trim()))));
+        assert_eq!(tag("a b/c@d"), "a_b_c_d");
+    }
 }

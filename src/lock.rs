@@ -156,4 +156,16 @@ mod tests {
             "{msg}"
         );
     }
+
+    #[test]
+    fn a_lock_file_that_is_a_symlink_is_never_followed() {
+        let d = std::env::temp_dir().join(format!("swk-lock-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("target"), b"").unwrap();
+        std::os::unix::fs::symlink(d.join("target"), d.join(".lock")).unwrap();
+        let e = lock_exclusive(&d.join(".lock"), Duration::from_millis(10)).unwrap_err();
+        assert!(e.to_string().contains("open lock file"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }
