@@ -35,11 +35,7 @@ fn stopped_captures_tpm_state_nvram_and_both_xmls() {
     let gens = h.generations(UUID_EFI);
     assert_eq!(gens.len(), 1, "{gens:?}");
     let g = h.vm_store(UUID_EFI).join(&gens[0]);
-    let mut names: Vec<String> = std::fs::read_dir(&g)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
+    let names = dir_names(&g);
     assert_eq!(
         names,
         [
@@ -420,11 +416,7 @@ fn leftover_temporaries_are_removed_by_the_next_run() {
         &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
     );
     h.stop_transient();
-    let mut names: Vec<String> = std::fs::read_dir(&vm)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
+    let names = dir_names(&vm);
     assert_eq!(names.len(), 2, "{names:?}"); // .lock and the new generation
     assert!(names[1].starts_with("00000001-"), "{names:?}");
 }

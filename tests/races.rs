@@ -99,10 +99,7 @@ fn thirty_two_hook_runs_and_a_restore_and_prune_on_one_vm_are_serialized() {
         swtpm_keeper::store::load_verified(&h.vm_store(UUID_TRANS).join(g), 1 << 20)
             .unwrap_or_else(|e| panic!("{g}: {e}"));
     }
-    let names: Vec<String> = std::fs::read_dir(h.vm_store(UUID_TRANS))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names = dir_names(&h.vm_store(UUID_TRANS));
     assert!(
         !names
             .iter()

@@ -539,10 +539,7 @@ fn a_source_file_state_is_captured_and_comes_back_byte_for_byte() {
         !h.swtpm.join(UUID_EFI).exists(),
         "a file state also wrote libvirt's default directory"
     );
-    let left: Vec<String> = std::fs::read_dir(file.parent().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let left = dir_names(file.parent().unwrap());
     assert_eq!(left, ["efitest.tpm"], "temporaries were left");
 }
 

@@ -32,15 +32,6 @@ fn capture(h: &Host, name: &str, dir: &Path, xml: &str) -> Vec<u8> {
     permall
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    v.sort();
-    v
-}
-
 /// Two VMs whose state dirs are `<root>/srv/tpm/vma` and `.../vmb`.
 struct SharedParent {
     parent: PathBuf,
@@ -88,7 +79,7 @@ fn two_vms_whose_state_dirs_share_a_parent_both_restore_when_prepared_at_once() 
                 "round {round}: {vm} has no restored state"
             );
         }
-        assert_eq!(names(&s.parent), ["vma", "vmb"], "round {round}");
+        assert_eq!(dir_names(&s.parent), ["vma", "vmb"], "round {round}");
     }
 }
 
@@ -136,7 +127,7 @@ fn a_leftover_tree_of_this_vms_crashed_restore_is_removed_whole_without_followin
     assert!(s.a.0.join("tpm2-00.permall").exists());
     assert!(!left.exists(), "the leftover tree stayed");
     assert_eq!(std::fs::read(victim.join("keep")).unwrap(), b"root's");
-    assert_eq!(names(&s.parent), ["vma", "vmb"]);
+    assert_eq!(dir_names(&s.parent), ["vma", "vmb"]);
 }
 
 #[test]
@@ -156,14 +147,14 @@ fn a_source_dir_holding_dotfiles_and_tmp_files_that_are_not_swtpms_is_never_swap
         "{err}"
     );
     assert_eq!(
-        names(&s.a.0),
+        dir_names(&s.a.0),
         [".lock", ".precious-dotfile", "TMPnotes.txt"]
     );
     assert_eq!(
         std::fs::read(s.a.0.join(".precious-dotfile")).unwrap(),
         b"dot"
     );
-    assert_eq!(names(&s.parent), ["vma", "vmb"]);
+    assert_eq!(dir_names(&s.parent), ["vma", "vmb"]);
 }
 
 #[test]
@@ -175,8 +166,8 @@ fn a_dir_holding_only_swtpms_own_files_is_swapped_out_for_the_restored_state() {
         std::fs::write(s.a.0.join(n), b"").unwrap();
     }
     assert_ok(&h.hook("vma", "prepare", "begin", "-", s.a.1.as_bytes()));
-    assert_eq!(names(&s.a.0), ["tpm2-00.permall"]);
-    assert_eq!(names(&s.parent), ["vma", "vmb"]);
+    assert_eq!(dir_names(&s.a.0), ["tpm2-00.permall"]);
+    assert_eq!(dir_names(&s.parent), ["vma", "vmb"]);
 }
 
 /// An EFI VM stopped once (state and NVRAM stored), then lost both; its
@@ -201,7 +192,7 @@ fn assert_refused_without_nvram(h: &Host, xml: &[u8], why: &str) {
         !h.nvram_path().exists(),
         "the NVRAM was written though the start was refused"
     );
-    assert_eq!(names(&h.nvram_dir), Vec::<String>::new());
+    assert_eq!(dir_names(&h.nvram_dir), Vec::<String>::new());
 }
 
 #[test]
@@ -242,7 +233,7 @@ fn a_refusal_for_a_foreign_source_dir_writes_no_nvram() {
     );
     assert!(xml.contains("<source type='dir'"), "the fixture changed");
     assert_refused_without_nvram(&h, xml.as_bytes(), "holds files that are not swtpm's");
-    assert_eq!(names(&d), ["important.db"]);
+    assert_eq!(dir_names(&d), ["important.db"]);
 }
 
 #[test]
@@ -298,7 +289,7 @@ fn a_tpm_write_that_fails_after_the_nvram_was_placed_takes_the_nvram_back_out() 
         !h.nvram_path().exists(),
         "an NVRAM without its TPM state was left in place"
     );
-    assert_eq!(names(&h.nvram_dir), Vec::<String>::new());
+    assert_eq!(dir_names(&h.nvram_dir), Vec::<String>::new());
 }
 
 #[test]
@@ -316,7 +307,7 @@ fn a_uuid_dir_whose_acl_lets_another_user_write_is_not_trusted() {
         .expect("setfacl is missing: install the package acl");
     assert!(st.success());
     assert_refused_without_nvram(&h, &h.efi_xml(), "not root alone");
-    assert_eq!(names(&uuid_dir), Vec::<String>::new());
+    assert_eq!(dir_names(&uuid_dir), Vec::<String>::new());
 }
 
 #[test]
@@ -350,7 +341,7 @@ fn a_forced_restore_whose_tpm_write_fails_puts_the_nvram_it_replaced_back() {
         std::fs::read(h.state_dir(UUID_EFI).join("tpm2-00.permall")).unwrap(),
         newer
     );
-    assert_eq!(names(&h.nvram_dir), ["efitest_VARS.fd"]);
+    assert_eq!(dir_names(&h.nvram_dir), ["efitest_VARS.fd"]);
 }
 
 #[test]
@@ -385,5 +376,5 @@ fn a_stored_file_that_swtpm_never_writes_is_never_restored() {
     assert_ok(&out);
     let dir = h.state_dir(UUID_TRANS);
     assert_eq!(std::fs::read(dir.join("tpm2-00.permall")).unwrap(), permall);
-    assert!(!dir.join("tpm2-00.evil").exists(), "{:?}", names(&dir));
+    assert!(!dir.join("tpm2-00.evil").exists(), "{:?}", dir_names(&dir));
 }

@@ -152,11 +152,7 @@ fn files_that_swtpm_never_writes_are_not_stored_whatever_their_header() {
     hook(&h, "stopped", "end", "-");
     let gens = h.generations(UUID_TRANS);
     assert_eq!(gens.len(), 1);
-    let mut names: Vec<String> = std::fs::read_dir(h.vm_store(UUID_TRANS).join(&gens[0]))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
+    let names = dir_names(&h.vm_store(UUID_TRANS).join(&gens[0]));
     assert_eq!(
         names,
         [

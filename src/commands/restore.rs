@@ -12,17 +12,9 @@ use crate::inventory;
 use crate::manifest;
 use crate::putback::{self, NvramOutcome};
 use crate::qemuconf::QemuConf;
+use crate::running;
 use crate::store::{Loaded, Store, VmStore};
 use crate::swtpm::{self, StateLocation};
-
-/// Is the VM running? libvirt keeps `<run dir>/<name>.pid` while it does.
-fn running_pid(cfg: &Config, name: &str) -> Option<i32> {
-    let text = std::fs::read_to_string(cfg.libvirt_run_dir.join(format!("{name}.pid"))).ok()?;
-    let pid: i32 = text.trim().parse().ok()?;
-    // No signal: it only checks that the process exists.
-    let alive = || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-    (pid > 0 && alive()).then_some(pid)
-}
 
 /// Does a swtpm hold its lock in the state dir?
 fn swtpm_holder(loc: &StateLocation) -> Option<i32> {
@@ -143,7 +135,7 @@ impl Target {
 /// only with --force. True when libvirt has a TPM state there.
 fn check_target(cfg: &Config, vm: &VmStore, gen: &Loaded, t: &Target, force: bool) -> Result<bool> {
     let (domain, loc) = (&t.domain, &t.loc);
-    if let Some(pid) = running_pid(cfg, &domain.name) {
+    if let Some(pid) = running::qemu_pid(&cfg.libvirt_run_dir, &domain.name) {
         return Err(Error::failed(format!(
             "VM {} is running (pid {pid}): stop it first (virsh shutdown)",
             domain.name

@@ -222,6 +222,16 @@ impl Drop for Host {
     }
 }
 
+/// The entry names of `dir`, sorted.
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Start `cmd` with its stdio piped, give it `stdin` and close that.
 pub fn spawn_with(cmd: &mut Command, stdin: &[u8]) -> Child {
     let mut child = cmd
