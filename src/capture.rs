@@ -348,7 +348,19 @@ pub fn capture_locked(
     event: &Event,
     live_xml: &[u8],
 ) -> Result<Outcome> {
-    capture_read(cfg, vm, domain, tpm, event, live_xml, Reading::AtStop).map(|(o, _)| o)
+    let plan = ReadPlan {
+        reading: Reading::AtStop,
+        after_read: &mut || Ok(()),
+    };
+    capture_read(cfg, vm, domain, tpm, event, live_xml, plan).map(|(o, _)| o)
+}
+
+/// How a capture reads, and what runs once everything is read, before
+/// anything is stored: `capture --pause` resumes the VM there, and an
+/// error from it stores nothing.
+pub struct ReadPlan<'a> {
+    pub reading: Reading,
+    pub after_read: &'a mut dyn FnMut() -> Result<()>,
 }
 
 /// Capture as `reading` allows, into a VM store the caller has locked
@@ -362,10 +374,13 @@ fn capture_read(
     tpm: &Tpm,
     event: &Event,
     live_xml: &[u8],
-    reading: Reading,
+    plan: ReadPlan,
 ) -> Result<(Outcome, Vec<(String, Identity)>)> {
+    let reading = plan.reading;
     let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
-    let Some(c) = collect(cfg, domain, tpm, &loc, live_xml, reading)? else {
+    let collected = collect(cfg, domain, tpm, &loc, live_xml, reading)?;
+    (plan.after_read)()?;
+    let Some(c) = collected else {
         let path = loc.path().to_owned();
         return Ok((Outcome::NoState { path }, Vec::new()));
     };
@@ -388,9 +403,21 @@ fn capture_read(
 /// caller, without touching swtpm or QEMU. Nothing is read when every
 /// source file still has the identity the last live capture saw in the
 /// newest generation (`live::Seen`, in `run_dir`); otherwise each file is
-/// read until two reads agree.
+/// read until two reads agree (once, when the VM is paused).
 pub fn capture_running(cfg: &Config, vm: &VmStore, running: &RunningVm) -> Result<Outcome> {
+    capture_running_then(cfg, vm, running, &mut || Ok(()))
+}
+
+/// The same, running `after_read` once the files are read (or found
+/// unchanged) and before anything is stored.
+pub fn capture_running_then(
+    cfg: &Config,
+    vm: &VmStore,
+    running: &RunningVm,
+    after_read: &mut dyn FnMut() -> Result<()>,
+) -> Result<Outcome> {
     if let Some(unchanged) = unchanged_running(cfg, vm, running)? {
+        after_read()?;
         return Ok(unchanged);
     }
     let domain = &running.domain;
@@ -404,7 +431,11 @@ pub fn capture_running(cfg: &Config, vm: &VmStore, running: &RunningVm) -> Resul
         sub_op: "live".into(),
         extra: "-".into(),
     };
-    let (outcome, read) = capture_read(cfg, vm, domain, tpm, &event, &running.live_xml, reading)?;
+    let plan = ReadPlan {
+        reading,
+        after_read,
+    };
+    let (outcome, read) = capture_read(cfg, vm, domain, tpm, &event, &running.live_xml, plan)?;
     if let Outcome::Stored { generation, .. } | Outcome::Unchanged { generation, .. } = &outcome {
         let seen = Seen {
             generation: generation.clone(),
