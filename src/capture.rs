@@ -558,7 +558,10 @@ fn collect(
     }))
 }
 
-/// The NVRAM the domain names, if any; a missing file is noted, not fatal.
+/// The UEFI variable store the domain names (`<nvram>` or `<varstore>`),
+/// if any, byte for byte whatever its format; a missing file is noted, not
+/// fatal. A store that is no file is named in the manifest and the log,
+/// never copied.
 fn collect_nvram(
     cfg: &Config,
     domain: &Domain,
@@ -566,23 +569,36 @@ fn collect_nvram(
     files: &mut Vec<Captured>,
     budget: &mut Budget,
 ) -> Result<Option<NvramInfo>> {
-    let Some(p) = &domain.nvram else {
-        return Ok(None);
+    let who = format!("vm={} uuid={}", domain.name, domain.uuid);
+    let mut info = NvramInfo {
+        template: domain.nvram_template.clone(),
+        kind: domain.nvram_kind,
+        format: domain.nvram_format.clone(),
+        ..NvramInfo::default()
     };
+    let Some(p) = &domain.nvram else {
+        let Some(what) = &domain.nvram_not_copied else {
+            return Ok(None);
+        };
+        log::warn!(
+            "{who}: its NVRAM is a {}, not a file: NOT copied with the TPM state; \
+             back it up with the VM's disks",
+            crate::logging::sanitize(&what.to_string())
+        );
+        info.path = what.at.clone();
+        info.not_copied = Some(what.to_string());
+        return Ok(Some(info));
+    };
+    let label = domain.nvram_kind.label();
     let data = read_nvram(p, reading, cfg.max_file_size, budget)?;
     if data.is_none() {
         log::warn!(
-            "vm={} uuid={}: NVRAM {} named by the domain does not exist; storing the TPM state without it",
-            domain.name,
-            domain.uuid,
+            "{who}: {label} {} named by the domain does not exist; storing the TPM state without it",
             p.display()
         );
     }
-    let info = NvramInfo {
-        path: p.display().to_string(),
-        template: domain.nvram_template.clone(),
-        file: data.as_ref().map(|_| manifest::NVRAM.to_owned()),
-    };
+    info.path = p.display().to_string();
+    info.file = data.as_ref().map(|_| manifest::NVRAM.to_owned());
     if let Some(data) = data {
         files.push(Captured {
             name: manifest::NVRAM.into(),
