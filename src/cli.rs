@@ -213,7 +213,9 @@ pub enum Command {
         generations: Vec<String>,
         dry_run: bool,
     },
-    Check,
+    Check {
+        json: bool,
+    },
     Capture {
         vms: Vec<String>,
         all: bool,
@@ -361,7 +363,7 @@ impl Options {
                 _ => (arg.as_str(), None),
             };
             match (cmd, name) {
-                ("list" | "show", "--json") => o.json = true,
+                ("list" | "show" | "check", "--json") => o.json = true,
                 ("show", "--xml") => {
                     // The generation is optional: `--xml=GEN`, or a generation name next.
                     let next = it
@@ -462,7 +464,7 @@ fn build(cmd: &str, o: Options) -> Result<Command> {
         }
         "check" => {
             o.no_positional(cmd)?;
-            Command::Check
+            Command::Check { json: o.json }
         }
         "capture" => {
             if o.all != o.positional.is_empty() {
@@ -586,7 +588,11 @@ mod tests {
                 dry_run: false
             }
         );
-        assert_eq!(p(&["check"]).unwrap(), Command::Check);
+        assert_eq!(p(&["check"]).unwrap(), Command::Check { json: false });
+        assert_eq!(
+            p(&["check", "--json"]).unwrap(),
+            Command::Check { json: true }
+        );
         assert_eq!(
             p(&["capture", "--all"]).unwrap(),
             Command::Capture {

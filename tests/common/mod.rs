@@ -65,8 +65,17 @@ impl Host {
         let qemu_conf = h.root.join("host-qemu.conf");
         std::fs::write(&qemu_conf, format!("user = \"+{uid}\"\ngroup = \"+{gid}\"\nswtpm_user = \"+{uid}\"\nswtpm_group = \"+{gid}\"\n")).unwrap();
         let base = format!(
-            "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\nqemu_conf = {:?}\nrun_dir = {:?}\n",
-            h.store, h.swtpm, h.etc_qemu, sock, qemu_conf, h.run_dir()
+            "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\nqemu_conf = {:?}\n",
+            h.store, h.swtpm, h.etc_qemu, sock, qemu_conf
+        );
+        // Every other path the program reads or writes stays in this host
+        // too: the machine may run libvirt (and node_exporter) for real.
+        let base = format!(
+            "{base}run_dir = {:?}\nlibvirt_run_dir = {:?}\nlibvirt_secrets_dir = {:?}\nprometheus_textfile_dir = {:?}\n",
+            h.run_dir(),
+            h.root.join("run-libvirt"),
+            h.root.join("secrets"),
+            h.root.join("prometheus-textfile")
         );
         // A key in `extra` replaces the base's (TOML refuses duplicates).
         let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_owned();
