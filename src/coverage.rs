@@ -298,6 +298,8 @@ fn libvirt_vms(cfg: &Config, problems: &mut Vec<String>) -> BTreeMap<Uuid, Libvi
     });
     for name in names {
         match running::read(&cfg.libvirt_run_dir, &name) {
+            // Its state is still arriving: judged once it runs here.
+            Ok(Some(vm)) if vm.status.incoming() => {}
             Ok(Some(vm)) if vm.domain.tpm.is_some() => {
                 let uuid = vm.domain.uuid.clone();
                 vms.entry(uuid).or_default().status = Some(vm.domain);

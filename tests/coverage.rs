@@ -165,9 +165,18 @@ fn a_transient_running_vm_is_found_in_libvirts_status_files_alone() {
     let h = host("cov-transient", "");
     let me = std::process::id();
     let xml = String::from_utf8(fixture("tpm2-transient.stopped.xml")).unwrap();
-    let status =
-        format!("<domstatus state='running' reason='booted' pid='{me}'>\n{xml}\n</domstatus>\n");
-    std::fs::write(h.root.join("run-libvirt/tpmtrans.xml"), status).unwrap();
+    let status = |job: &str| {
+        format!(
+            "<domstatus state='running' reason='booted' pid='{me}'>\n{job}{xml}\n</domstatus>\n"
+        )
+    };
+    let path = h.root.join("run-libvirt/tpmtrans.xml");
+    // While an incoming migration brings its state, it is not judged.
+    let job = "<job type='none' async='migration in' phase='prepare' flags='0x0'/>\n";
+    std::fs::write(&path, status(job)).unwrap();
+    let (_, t) = check(&h);
+    assert!(!t.contains("VM tpmtrans"), "{t}");
+    std::fs::write(&path, status("")).unwrap();
     let (code, t) = check(&h);
     assert_eq!(code, 1);
     assert!(
