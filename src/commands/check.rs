@@ -720,14 +720,17 @@ pub fn run(source: &Source, json: bool, out: &mut dyn Write) -> Result<i32> {
         };
         serde_json::to_writer_pretty(&mut *out, &doc).map_err(|e| Error::failed(e.to_string()))?;
         writeln!(out).map_err(w)?;
+        out.flush().map_err(w)?;
     } else {
+        // As before: a reader that stops early (`check | grep -q ok`) is
+        // no failure of the check, whose answer is its exit status.
         for (_, (level, line)) in &findings {
-            writeln!(out, "{} {line}", level.tag()).map_err(w)?;
+            let _ = writeln!(out, "{} {line}", level.tag());
         }
-        writeln!(out, "{}", summary_line(&survey.summary())).map_err(w)?;
-        writeln!(out, "{fixes} to fix").map_err(w)?;
+        let _ = writeln!(out, "{}", summary_line(&survey.summary()));
+        let _ = writeln!(out, "{fixes} to fix");
+        let _ = out.flush();
     }
-    out.flush().map_err(w)?;
     Ok(if fixes > 0 { 1 } else { 0 })
 }
 
