@@ -10,6 +10,7 @@ use crate::capture::{self, Event, Outcome};
 use crate::config::Config;
 use crate::domain::{Domain, Uuid};
 use crate::error::{Error, Result};
+use crate::failure;
 use crate::inventory;
 use crate::logging::sanitize;
 use crate::pause::Pause;
@@ -121,32 +122,62 @@ fn capture_running(
         return Ok(Done::Skipped(Some(why)));
     }
     let paused = vm.status.state == "paused";
-    let pausing = match pause {
-        Some(limit) if !paused => return capture_paused(cfg, vm, limit),
-        Some(_) => Pausing::Already,
-        None => Pausing::No,
+    let (result, pausing) = match pause {
+        Some(limit) if !paused => capture_paused(cfg, vm, limit),
+        Some(_) => (keep_running(cfg, vm), Pausing::Already),
+        None => (keep_running(cfg, vm), Pausing::No),
     };
+    failure::settle(cfg, &vm.domain, "capture", &result);
+    let outcome = result?;
+    let state = match pausing {
+        Pausing::For(_) => "paused",
+        _ => vm.status.state.as_str(),
+    };
+    log_outcome(&vm.domain, "capture/live", state, &outcome, pausing);
+    if let (Outcome::Unchanged { .. }, Pausing::For(_)) = (&outcome, pausing) {
+        // Not logged at info otherwise: a pause is worth a line.
+        log::info!(
+            "vm={} uuid={} event=capture/live: TPM state unchanged{}",
+            vm.domain.name,
+            vm.domain.uuid,
+            pausing.note()
+        );
+    }
+    Ok(Done::Kept(outcome, pausing))
+}
+
+/// The state of a VM that runs, kept (or found unchanged).
+fn keep_running(cfg: &Config, vm: &RunningVm) -> Result<Outcome> {
     let store = Store::new(&cfg.store_dir);
     let uuid = &vm.domain.uuid;
     // Unchanged VMs (most, most of the time) under a shared lock only.
     if store.vm_dir(uuid).is_dir() {
         let shared = store.read_vm(uuid, cfg.lock_timeout())?;
         if let Some(unchanged) = capture::unchanged_running(cfg, &shared, vm)? {
-            return Ok(Done::Kept(unchanged, pausing));
+            return Ok(unchanged);
         }
     }
     let locked = store.open_vm(uuid, cfg.lock_timeout())?;
-    let outcome = capture::capture_running(cfg, &locked, vm)?;
-    let state = vm.status.state.as_str();
-    log_outcome(&vm.domain, "capture/live", state, &outcome, pausing);
-    Ok(Done::Kept(outcome, pausing))
+    capture::capture_running(cfg, &locked, vm)
 }
 
 /// `--pause` of a running VM: its store locked first (the VM is never
 /// paused while this waits), then paused, read, resumed, and only then
 /// stored. libvirt's status must say `paused` once suspended: else the
-/// read would be no point in time, and nothing is captured.
-fn capture_paused(cfg: &Config, vm: &RunningVm, limit: Duration) -> Result<Done> {
+/// read would be no point in time, and nothing is captured. The pause is
+/// known only once the VM is resumed (`Pausing::No` before).
+fn capture_paused(cfg: &Config, vm: &RunningVm, limit: Duration) -> (Result<Outcome>, Pausing) {
+    let mut window = None;
+    let result = hold_paused(cfg, vm, limit, &mut window);
+    (result, window.map_or(Pausing::No, Pausing::For))
+}
+
+fn hold_paused(
+    cfg: &Config,
+    vm: &RunningVm,
+    limit: Duration,
+    window: &mut Option<Duration>,
+) -> Result<Outcome> {
     let d = &vm.domain;
     let locked = Store::new(&cfg.store_dir).open_vm(&d.uuid, cfg.lock_timeout())?;
     let mut pause = Pause::begin(&d.uuid, &d.name, limit)?;
@@ -161,23 +192,10 @@ fn capture_paused(cfg: &Config, vm: &RunningVm, limit: Duration) -> Result<Done>
             )));
         }
     };
-    let mut window = Duration::ZERO;
-    let outcome = capture::capture_running_then(cfg, &locked, &now, &mut || {
-        window = pause.end()?;
+    capture::capture_running_then(cfg, &locked, &now, &mut || {
+        *window = Some(pause.end()?);
         Ok(())
-    })?;
-    let pausing = Pausing::For(window);
-    log_outcome(d, "capture/live", "paused", &outcome, pausing);
-    if let Outcome::Unchanged { .. } = outcome {
-        // Not logged at info otherwise: a pause is worth a line.
-        log::info!(
-            "vm={} uuid={} event=capture/live: TPM state unchanged{}",
-            d.name,
-            d.uuid,
-            pausing.note()
-        );
-    }
-    Ok(Done::Kept(outcome, pausing))
+    })
 }
 
 /// A VM that does not run is captured as at a stop, from libvirt's
@@ -199,7 +217,9 @@ fn capture_stopped(cfg: &Config, name: &str) -> Result<Done> {
         sub_op: "-".into(),
         extra: "-".into(),
     };
-    let outcome = capture::capture(cfg, &domain, &tpm, &event, &xml)?;
+    let result = capture::capture(cfg, &domain, &tpm, &event, &xml);
+    failure::settle(cfg, &domain, "capture", &result);
+    let outcome = result?;
     log_outcome(&domain, "capture/-", "stopped", &outcome, Pausing::No);
     Ok(Done::Kept(outcome, Pausing::No))
 }

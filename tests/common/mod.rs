@@ -42,7 +42,8 @@ impl Host {
     pub fn with_config(test: &str, extra: &str) -> Host {
         let root = std::env::temp_dir().join(format!("swk-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        for d in ["swtpm", "etc-qemu", "nvram"] {
+        // `run`: the parent of run_dir, as /run is (run_dir is made).
+        for d in ["swtpm", "etc-qemu", "nvram", "run"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         let sock = root.join("log.sock");
@@ -67,6 +68,15 @@ impl Host {
             "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\nqemu_conf = {:?}\n",
             h.store, h.swtpm, h.etc_qemu, sock, qemu_conf
         );
+        // Every other path the program reads or writes stays in this host
+        // too: the machine may run libvirt (and node_exporter) for real.
+        let base = format!(
+            "{base}run_dir = {:?}\nlibvirt_run_dir = {:?}\nlibvirt_secrets_dir = {:?}\nprometheus_textfile_dir = {:?}\n",
+            h.run_dir(),
+            h.root.join("run-libvirt"),
+            h.root.join("secrets"),
+            h.root.join("prometheus-textfile")
+        );
         // A key in `extra` replaces the base's (TOML refuses duplicates).
         let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_owned();
         let overridden: Vec<String> = extra.lines().map(key).collect();
@@ -78,6 +88,11 @@ impl Host {
         text.push_str(extra);
         std::fs::write(&h.conf, text).unwrap();
         h
+    }
+
+    /// This host's run_dir (tmpfs `/run/swtpm-keeper` on a real one).
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run/swtpm-keeper")
     }
 
     /// The state dir libvirt would use for a TPM 2.0 VM.
