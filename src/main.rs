@@ -86,5 +86,26 @@ fn dispatch(cmd: Command, source: &Source) -> Result<i32> {
             commands::prune::run(&cfg()?, &req, &mut out())
         }
         Command::Capture { vms, all } => commands::capture::run(&cfg()?, &vms, all, &mut out()),
+        Command::Export {
+            vm,
+            generation,
+            output,
+        } => {
+            let req = commands::export::Request {
+                vm: &vm,
+                generation: generation.as_deref(),
+                output: output.as_deref(),
+            };
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            commands::export::run(&cfg()?, &req, tty, &mut out())
+        }
+        Command::Import { source, to, force } => {
+            let req = commands::import::Request {
+                source: &source,
+                to: to.as_deref(),
+                force,
+            };
+            commands::import::run(&cfg()?, &req, &mut out())
+        }
     }
 }

@@ -44,6 +44,28 @@ pub struct Manifest {
     /// Absent before 0.2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_state: Option<String>,
+    /// Added by `swtpm-keeper import` from an archive, not captured here:
+    /// where it came from. The capture's own time, host and event stay
+    /// above. Absent before 0.2, and on every capture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_from: Option<Origin>,
+}
+
+/// Where an imported generation came from, and when it was imported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The VM whose generation the archive held, and that generation.
+    pub uuid: String,
+    pub name: String,
+    pub generation: String,
+    /// The host that imported it, and when (RFC 3339 UTC).
+    pub host: String,
+    pub time: String,
+    /// The archive's `domain.xml`, kept under this name when `domain.xml`
+    /// is the definition of the VM that owns the generation now (another
+    /// VM, or the same VM defined anew); None when it is the archive's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_xml: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
