@@ -585,6 +585,40 @@ fn importing_the_same_archive_twice_adds_nothing_the_second_time() {
     assert_eq!(snapshot(&h2.store), before);
 }
 
+#[test]
+fn import_to_a_vm_with_a_tpm_of_its_own_says_how_to_replace_it_and_touches_nothing_of_libvirt() {
+    let h = Host::new("archive-own");
+    captured_efi(&h);
+    let a = export(&h, &["efitest"]);
+    let h2 = Host::new("archive-own-2");
+    define(
+        &h2,
+        "restore_efitest",
+        OTHER_UUID,
+        Some(SECRET),
+        Some("2.0"),
+    );
+    let mut own = fixture("tpm2-00.permall.encrypted");
+    own[200] ^= 1;
+    h2.put_state(OTHER_UUID, &[("tpm2-00.permall", &own)]);
+    let libvirt_before = snapshot(&h2.swtpm);
+    let out = import(&h2, &["-", "--to", "restore_efitest"], &a);
+    assert_ok(&out);
+    assert_eq!(stdout(&out).lines().count(), 1, "{}", stdout(&out));
+    assert!(
+        stderr(&out)
+            .contains("to use the imported one: swtpm-keeper restore restore_efitest --force"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        snapshot(&h2.swtpm),
+        libvirt_before,
+        "import touched libvirt's files"
+    );
+    assert!(!h2.nvram_dir.join("restore_efitest_VARS.fd").exists());
+}
+
 // ---- import: refusals about the target --------------------------------------
 
 /// Import `a` into `h` with `args`: refused (exit 1), the store as it was.
@@ -648,6 +682,9 @@ fn import_refuses_another_encryption_secret_unless_forced() {
     let out = import(&h2, &["-", "--to", "restore_efitest", "--force"], &a);
     assert_ok(&out);
     assert_eq!(h2.generations(OTHER_UUID).len(), 1);
+    // The store has the VM now: refused all the same, and nothing changes.
+    let err = refused(&h2, &["-", "--to", "restore_efitest"], &a);
+    assert!(err.contains("Add --force to import it anyway"), "{err}");
     // Without a secret at all: refused too.
     define(
         &h2,

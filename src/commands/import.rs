@@ -47,17 +47,7 @@ pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
         ));
     }
     let a = read_archive(cfg, req.source)?;
-    let target = match req.to {
-        Some(arg) => Some(defined(cfg, arg)?.ok_or_else(|| {
-            Error::failed(format!(
-                "libvirt defines no VM {} here (in {}): define it first (virtnbdrestore -D \
-                 defines restore_<name>), or import without --to to keep the archive's UUID",
-                sanitize(arg),
-                cfg.libvirt_config_dir.display()
-            ))
-        })?),
-        None => defined(cfg, a.uuid.as_str())?,
-    };
+    let target = target(cfg, req.to, &a)?;
     let uuid = match &target {
         Some(t) => t.domain.uuid.clone(),
         None => a.uuid.clone(),
@@ -93,6 +83,32 @@ pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
         None => store.open_vm(&uuid, cfg.lock_timeout())?,
     };
     let (generation, _) = vm.add_generation(&files, &m, cfg.generations as usize)?;
+    report(&a, &m, &generation, out)?;
+    if let Some(t) = &target {
+        hint_if_state_exists(cfg, t);
+    }
+    Ok(0)
+}
+
+/// The VM that gets the generation, if libvirt defines it here: the one
+/// `--to` names (which must be), else the archive's own.
+fn target(cfg: &Config, to: Option<&str>, a: &Archived) -> Result<Option<Defined>> {
+    let Some(arg) = to else {
+        return defined(cfg, a.uuid.as_str());
+    };
+    let found = defined(cfg, arg)?.ok_or_else(|| {
+        Error::failed(format!(
+            "libvirt defines no VM {} here (in {}): define it first (virtnbdrestore -D \
+             defines restore_<name>), or import without --to to keep the archive's UUID",
+            sanitize(arg),
+            cfg.libvirt_config_dir.display()
+        ))
+    })?;
+    Ok(Some(found))
+}
+
+/// One line on stdout, one in syslog.
+fn report(a: &Archived, m: &Manifest, generation: &str, out: &mut dyn Write) -> Result<()> {
     let o = &a.generation;
     let what = format!(
         "generation {} of {} ({}), captured {} on {}",
@@ -105,8 +121,9 @@ pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
     let nvram = m.files.iter().any(|f| f.role == Role::Nvram);
     let tpm = if nvram { "TPM and NVRAM" } else { "TPM" };
     log::info!(
-        "vm={} uuid={uuid} event=import: imported {what} as generation {generation}",
-        sanitize(&m.name)
+        "vm={} uuid={} event=import: imported {what} as generation {generation}",
+        sanitize(&m.name),
+        m.uuid
     );
     line(
         out,
@@ -114,11 +131,7 @@ pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
             "{generation} imported {}: {tpm} from {what}",
             sanitize(&m.name)
         ),
-    )?;
-    if let Some(t) = &target {
-        hint_if_state_exists(cfg, t);
-    }
-    Ok(0)
+    )
 }
 
 fn line(out: &mut dyn Write, text: &str) -> Result<()> {
