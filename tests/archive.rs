@@ -948,6 +948,23 @@ const HOSTILE: &[Hostile] = &[
         says: "its manifest is of VM",
     },
     Hostile {
+        what: "a manifest whose NVRAM path climbs out (a start may write there)",
+        make: |mut v, _| {
+            let m = String::from_utf8(data_of(&v, "/manifest.json").to_vec()).unwrap();
+            let at = m.find("\"nvram\": {").unwrap();
+            let path = m[at..].find("\"path\": \"").unwrap() + at + "\"path\": \"".len();
+            let m = format!(
+                "{}/var/lib/libvirt/qemu/nvram/../../../../etc/cron.d/{}",
+                &m[..path],
+                &m[path..]
+            );
+            replace(&mut v, "/manifest.json", m.into_bytes());
+            resum(&mut v);
+            build(&v)
+        },
+        says: "not a plain absolute path",
+    },
+    Hostile {
         what: "a UUID in capitals",
         make: |mut v, _| {
             for e in &mut v {
