@@ -262,10 +262,10 @@ impl Collected {
                 crate::logging::sanitize(&loaded.manifest.uuid)
             ));
         }
-        // A start may write the NVRAM where the manifest says it was
+        // A start may write a kept NVRAM where the manifest says it was
         // (libvirt 9.0 names no NVRAM at `prepare` with firmware
         // auto-selection): only a plain absolute path, as libvirt records.
-        if let Some(nv) = &loaded.manifest.nvram {
+        if let Some(nv) = loaded.manifest.nvram.as_ref().filter(|n| n.file.is_some()) {
             let p = std::path::Path::new(&nv.path);
             let plain = p.components().all(|c| {
                 matches!(

@@ -1022,6 +1022,39 @@ fn every_hostile_archive_is_refused_with_its_reason_and_leaves_the_store_as_it_w
 }
 
 #[test]
+fn an_nvram_path_that_no_start_writes_to_may_be_anything() {
+    // A store the capture did not copy (a network image, say): nothing
+    // is ever written where the manifest says it was.
+    let h = Host::new("archive-nvram-path");
+    captured_efi(&h);
+    let a = export(&h, &["efitest"]);
+    let mut v = raw_entries(&a);
+    v.retain(|e| !e.path.ends_with(b"/nvram.fd"));
+    let m: serde_json::Value = serde_json::from_slice(data_of(&v, "/manifest.json")).unwrap();
+    let mut m = m;
+    m["nvram"]["path"] = "pool/image".into();
+    m["nvram"]["file"] = serde_json::Value::Null;
+    m["files"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["role"] != "nvram");
+    replace(
+        &mut v,
+        "/manifest.json",
+        serde_json::to_vec_pretty(&m).unwrap(),
+    );
+    resum(&mut v);
+    let h2 = Host::new("archive-nvram-path-2");
+    let out = import(&h2, &["-"], &build(&v));
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains(": TPM from generation"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
 fn an_archive_over_max_generation_size_is_refused_before_its_rest_is_read() {
     let h = Host::new("archive-total");
     captured_efi(&h);
