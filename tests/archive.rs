@@ -430,6 +430,30 @@ fn export_refuses_a_terminal_as_stdout() {
     );
 }
 
+#[test]
+fn import_refuses_a_terminal_as_stdin() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: import needs root (tests/run-all runs it as root)");
+        return;
+    }
+    let h = Host::new("archive-tty-in");
+    let cmd = format!("{} import - ; echo rc=$?", bin());
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("SWTPM_KEEPER_CONFIG", &h.conf)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("refusing to read an archive from a terminal"),
+        "{text}"
+    );
+    assert!(text.contains("rc=1"), "{text}");
+    assert!(!h.store.exists());
+}
+
 // ---- import: round trips --------------------------------------------------
 
 #[test]

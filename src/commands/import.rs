@@ -142,7 +142,14 @@ fn line(out: &mut dyn Write, text: &str) -> Result<()> {
 fn read_archive(cfg: &Config, source: &str) -> Result<Archived> {
     let limits = archive::Limits::of(cfg);
     if source == "-" {
-        return archive::read(std::io::stdin().lock(), "on stdin", limits);
+        let stdin = std::io::stdin().lock();
+        if std::io::IsTerminal::is_terminal(&stdin) {
+            return Err(Error::failed(
+                "refusing to read an archive from a terminal: name the file, or pipe it in \
+                 (swtpm-keeper import - < FILE)",
+            ));
+        }
+        return archive::read(stdin, "on stdin", limits);
     }
     let f = std::fs::File::open(source)
         .map_err(|e| Error::failed(format!("cannot open the archive {source}: {e}")))?;
