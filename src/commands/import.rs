@@ -68,20 +68,19 @@ pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
         check_target(&a, t, marked, cfg, req.force)?;
     }
     let (files, m) = stored(&a, target.as_ref());
-    if let Some(g) = existing.as_ref().and_then(|vm| holds_already(cfg, vm, &m)) {
-        line(
-            out,
-            &format!(
-                "{g} unchanged {}: the store holds this state already",
-                sanitize(&m.name)
-            ),
-        )?;
-        return Ok(0);
-    }
     let vm = match existing {
         Some(vm) => vm,
         None => store.open_vm(&uuid, cfg.lock_timeout())?,
     };
+    // Under the lock: a concurrent import of the same archive adds once.
+    if let Some(g) = holds_already(cfg, &vm, &m) {
+        let name = sanitize(&m.name);
+        line(
+            out,
+            &format!("{g} unchanged {name}: the store holds this state already"),
+        )?;
+        return Ok(0);
+    }
     let (generation, _) = vm.add_generation(&files, &m, cfg.generations as usize)?;
     report(&a, &m, &generation, out)?;
     if let Some(t) = &target {
