@@ -700,6 +700,8 @@ fn import_refuses_another_encryption_secret_unless_forced() {
     assert!(
         err.contains(&format!(
             "encrypted with libvirt secret {SECRET} but the domain now uses {other}"
+        )) && err.contains(&format!(
+            "Define libvirt secret {SECRET} here with its old value"
         )),
         "{err}"
     );
@@ -708,7 +710,7 @@ fn import_refuses_another_encryption_secret_unless_forced() {
     assert_eq!(h2.generations(OTHER_UUID).len(), 1);
     // The store has the VM now: refused all the same, and nothing changes.
     let err = refused(&h2, &["-", "--to", "restore_efitest"], &a);
-    assert!(err.contains("Add --force to import it anyway"), "{err}");
+    assert!(err.contains("or add --force to import it anyway"), "{err}");
     // Without a secret at all: refused too.
     define(
         &h2,

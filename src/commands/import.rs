@@ -223,8 +223,18 @@ fn check_target(a: &Archived, t: &Defined, marked: bool, cfg: &Config, force: bo
     let loc = StateLocation::of(&cfg.swtpm_dir, d, tpm);
     if let Err(r) = putback::check_rules_marked(marked, &a.generation, d, tpm, &loc) {
         if !force {
+            // On a new host the usual cause: the secret is not defined yet.
+            let was = &a.generation.manifest.tpm.encryption_secret;
+            let hint = match was {
+                Some(s) if *was != tpm.encryption_secret => format!(
+                    "Define libvirt secret {s} here with its old value (virsh secret-define, \
+                     secret-set-value) and point the VM's <encryption secret=...> at it, or add \
+                     --force to import it anyway"
+                ),
+                _ => "Add --force to import it anyway".into(),
+            };
             return Err(Error::failed(format!(
-                "refusing to import into VM {}: {r}. Add --force to import it anyway",
+                "refusing to import into VM {}: {r}. {hint}",
                 sanitize(&d.name)
             )));
         }
