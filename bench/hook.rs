@@ -741,6 +741,7 @@ fn write_generations(vm: &Path, uuid: &str, name: &str, gens: usize) {
             files,
             live: false,
             vm_state: None,
+            imported_from: None,
         };
         let mj = m.to_json();
         fs::write(gd.join(manifest::MANIFEST), &mj).unwrap();

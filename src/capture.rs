@@ -693,6 +693,7 @@ fn build_manifest(
         files: c.files.iter().map(entry).collect(),
         live: false,
         vm_state: None,
+        imported_from: None,
     }
 }
 

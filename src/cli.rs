@@ -20,6 +20,8 @@ COMMANDS:
     prune                 remove old generations (--keep N, --older-than DAYS, --generation G)
     capture <vm>... | --all
                           add a generation for running VMs (the timer runs --all)
+    export <vm>           one generation as a tar archive, for backups (-o FILE or stdout)
+    import <FILE|->       add an exported generation to the store (--to VM: to another VM)
     check                 is the hook installed and active, the store sound, every TPM kept?
     hook <domain> <op> <sub-op> <extra>
                           run as libvirt runs the hook (domain XML on stdin)
@@ -186,6 +188,63 @@ marks it. Protected generations do not count against --keep. To remove
 one of these, name it with --vm VM --generation GEN.
 ";
 
+const EXPORT_HELP: &str = "\
+swtpm-keeper export <vm> [--generation GEN] [-o FILE]
+
+Write one generation (default: the newest that verifies) as a tar archive
+for a backup: under <uuid>/<generation>/, its manifest.json, SHA256SUMS,
+swtpm's files, the NVRAM and domain.xml (and domain-live.xml), exactly as
+stored. It is verified first; a damaged generation is refused, naming the
+newest good one. `import` reads it back, on this host or another.
+
+The archive is the same, byte for byte, every time and on every host:
+ustar headers, entries sorted by name, every time the capture's, owner
+0:0 without names, mode 0700 for the two directories and 0600 for files.
+
+-o FILE           write FILE (mode 0600) through a temporary, fsynced and
+                  renamed into place; prints one line:
+                    00000007-20261201T101500Z exported win11 (5a5a...) to FILE
+                  Without -o (or with -o -) the archive goes to stdout, and
+                  nothing else does; a terminal is refused.
+--generation GEN  this generation (see `swtpm-keeper show <vm>`)
+
+Restore on a new host: swtpm-keeper import FILE [--to VM], then start the VM.
+";
+
+const IMPORT_HELP: &str = "\
+swtpm-keeper import <FILE|-> [--to VM] [--force]
+
+Add the generation an `export` archive holds (FILE, or with - stdin, not a
+terminal) to
+the store, as a capture adds one: the next number in the VM's sequence,
+written through a temporary, fsynced and renamed into place. Its manifest
+records where it came from (imported_from: the archive's VM, generation,
+and this host and time). libvirt's files are not touched: the next start
+of the VM puts the state back when the VM has none (as after a lost
+host); for a VM that made a TPM of its own meanwhile, run
+`swtpm-keeper restore VM --force`.
+
+--to VM   a VM that libvirt defines on this host (name or UUID), such as
+          the restore_<name> that `virtnbdrestore -D` defines with a new
+          UUID: the generation goes to that VM. Its domain.xml is then that
+          VM's definition; the archive's is kept as origin-domain.xml.
+          Without --to the generation goes to the archive's UUID.
+--force   import despite the restore's refusals: another TPM version,
+          another <encryption secret>, another kind of state, or a state
+          taken when the VM migrated away. A VM without an emulator TPM is
+          always refused.
+
+Everything is verified before the store changes: only regular files
+under one <uuid>/<generation>/, no links, devices, absolute or `..`
+paths, no duplicates, at most max_file_size per file and
+max_generation_size in all, the manifest, every checksum, swtpm's
+header rules. A refused import exits 1 and leaves the store as it was.
+Importing the same state again adds nothing. Prints one line:
+  00000003-20261201T101500Z imported restore_win11: TPM and NVRAM from ...
+  00000003-20261201T101500Z unchanged restore_win11: the store holds this state already
+Needs root.
+";
+
 const CHECK_HELP: &str = "\
 swtpm-keeper check [--json]
 
@@ -268,6 +327,16 @@ pub enum Command {
         /// `--pause`: hold each VM paused around its read, at most this
         /// many seconds (`--pause-limit`).
         pause: Option<u64>,
+    },
+    Export {
+        vm: String,
+        generation: Option<String>,
+        output: Option<PathBuf>,
+    },
+    Import {
+        source: String,
+        to: Option<String>,
+        force: bool,
     },
 }
 
@@ -401,6 +470,8 @@ struct Options {
     all: bool,
     pause: bool,
     pause_limit: Option<u64>,
+    output: Option<PathBuf>,
+    to: Option<String>,
     positional: Vec<String>,
 }
 
@@ -427,7 +498,12 @@ impl Options {
                     }
                     o.xml = Some(inline.or(next));
                 }
-                ("restore", "--generation" | "-g") => {
+                ("export", "--output" | "-o") => {
+                    o.output = Some(PathBuf::from(value(cmd, name, inline, &mut it)?))
+                }
+                ("import", "--to") => o.to = Some(value(cmd, name, inline, &mut it)?),
+                ("import", "--force" | "-f") => o.force = true,
+                ("restore" | "export", "--generation" | "-g") => {
                     o.generation = Some(value(cmd, name, inline, &mut it)?)
                 }
                 ("restore", "--force" | "-f") => o.force = true,
@@ -531,6 +607,19 @@ fn build(cmd: &str, o: Options) -> Result<Command> {
                 all: o.all,
             }
         }
+        "export" => Command::Export {
+            vm: one_vm(cmd, o.positional)?,
+            generation: o.generation,
+            output: o.output,
+        },
+        "import" => Command::Import {
+            source: match <[String; 1]>::try_from(o.positional) {
+                Ok([s]) => s,
+                Err(_) => return Err(usage(cmd, "name one archive file, or - for stdin")),
+            },
+            to: o.to,
+            force: o.force,
+        },
         _ => unreachable!("help_of knows only these"),
     })
 }
@@ -566,6 +655,8 @@ fn help_of(cmd: &str) -> Option<&'static str> {
         "prune" => PRUNE_HELP,
         "check" => CHECK_HELP,
         "capture" => CAPTURE_HELP,
+        "export" => EXPORT_HELP,
+        "import" => IMPORT_HELP,
         "hook" => HOOK_HELP,
         _ => return None,
     })
@@ -685,6 +776,38 @@ mod tests {
                 vms: vec!["a".into(), "b".into()],
                 all: false,
                 pause: None,
+            }
+        );
+        assert_eq!(
+            p(&["export", "vm1", "-g", "G1", "-o", "/b/vm1.tar"]).unwrap(),
+            Command::Export {
+                vm: "vm1".into(),
+                generation: Some("G1".into()),
+                output: Some(PathBuf::from("/b/vm1.tar"))
+            }
+        );
+        assert_eq!(
+            p(&["export", "vm1", "--output=-"]).unwrap(),
+            Command::Export {
+                vm: "vm1".into(),
+                generation: None,
+                output: Some(PathBuf::from("-"))
+            }
+        );
+        assert_eq!(
+            p(&["import", "-", "--to", "restore_vm1", "--force"]).unwrap(),
+            Command::Import {
+                source: "-".into(),
+                to: Some("restore_vm1".into()),
+                force: true
+            }
+        );
+        assert_eq!(
+            p(&["import", "/b/vm1.tar"]).unwrap(),
+            Command::Import {
+                source: "/b/vm1.tar".into(),
+                to: None,
+                force: false
             }
         );
         assert!(p(&["capture"]).is_err(), "nothing named");
@@ -810,7 +933,8 @@ mod tests {
     #[test]
     fn every_command_has_help() {
         for c in [
-            "list", "show", "verify", "restore", "prune", "check", "hook",
+            "list", "show", "verify", "restore", "prune", "check", "hook", "capture", "export",
+            "import",
         ] {
             match p(&[c, "--help"]).unwrap() {
                 Command::Help(h) => assert!(h.starts_with(&format!("swtpm-keeper {c}")), "{c}"),
@@ -839,6 +963,14 @@ mod tests {
             vec!["prune", "--vm", "a", "--generation", "G1", "--keep", "1"],
             vec!["list", "extra"],
             vec!["show", "a", "--json", "--xml"],
+            vec!["export"],
+            vec!["export", "a", "b"],
+            vec!["export", "a", "-o"],
+            vec!["export", "a", "--to", "b"],
+            vec!["import"],
+            vec!["import", "a", "b"],
+            vec!["import", "a", "--to"],
+            vec!["import", "a", "-o", "f"],
         ] {
             let e = p(&a).unwrap_err();
             assert_eq!(e.kind, Kind::Usage, "{a:?}");

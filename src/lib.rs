@@ -1,6 +1,7 @@
 //! swtpm-keeper: a libvirt QEMU hook that keeps every VM's swtpm state and
 //! UEFI NVRAM in a crash-safe, versioned store. One module per concept.
 
+pub mod archive; // the tar archive of one generation: export and import
 pub mod capture; // what a stop captures, and how
 pub mod cli; // the command line
 pub mod commands; // the operator's commands, one module each

@@ -89,5 +89,26 @@ fn dispatch(cmd: Command, source: &Source) -> Result<i32> {
             let pause = pause.map(std::time::Duration::from_secs);
             commands::capture::run(&cfg()?, &vms, all, pause, &mut out())
         }
+        Command::Export {
+            vm,
+            generation,
+            output,
+        } => {
+            let req = commands::export::Request {
+                vm: &vm,
+                generation: generation.as_deref(),
+                output: output.as_deref(),
+            };
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            commands::export::run(&cfg()?, &req, tty, &mut out())
+        }
+        Command::Import { source, to, force } => {
+            let req = commands::import::Request {
+                source: &source,
+                to: to.as_deref(),
+                force,
+            };
+            commands::import::run(&cfg()?, &req, &mut out())
+        }
     }
 }

@@ -44,6 +44,28 @@ pub struct Manifest {
     /// Absent before 0.2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_state: Option<String>,
+    /// Added by `swtpm-keeper import` from an archive, not captured here:
+    /// where it came from. The capture's own time, host and event stay
+    /// above. Absent before 0.2, and on every capture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_from: Option<Origin>,
+}
+
+/// Where an imported generation came from, and when it was imported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The VM whose generation the archive held, and that generation.
+    pub uuid: String,
+    pub name: String,
+    pub generation: String,
+    /// The host that imported it, and when (RFC 3339 UTC).
+    pub host: String,
+    pub time: String,
+    /// The archive's `domain.xml`, kept under this name when `domain.xml`
+    /// is the definition of the VM that owns the generation now (another
+    /// VM, or the same VM defined anew); None when it is the archive's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_xml: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +290,29 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_795_298_168), "2026-11-21T21:56:08Z");
         assert_eq!(compact_time(951_782_400), "20000229T000000Z");
+    }
+
+    #[test]
+    fn provenance_is_optional_and_absent_from_a_capture() {
+        let json = br#"{"format": 1, "uuid": "u", "name": "n", "event": "stopped",
+            "sub_event": "end", "reason": "-", "time": "t", "time_unix": 0, "host": "h",
+            "swtpm_keeper_version": "0.1.0", "persistent": false, "domain_xml_from": "hook-stdin",
+            "tpm": {"version": "2.0", "model": "tpm-crb", "state_type": "dir", "state_path": "/p",
+                    "encryption_secret": null, "header_flags": 0},
+            "nvram": null, "files": []}"#;
+        let mut m = Manifest::from_json(json).unwrap();
+        assert_eq!(m.imported_from, None);
+        let text = String::from_utf8(m.to_json()).unwrap();
+        assert!(!text.contains("imported_from"), "{text}");
+        m.imported_from = Some(Origin {
+            uuid: "u".into(),
+            name: "n".into(),
+            generation: "00000001-20261121T215608Z".into(),
+            host: "b".into(),
+            time: rfc3339(0),
+            domain_xml: None,
+        });
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
     }
 
     #[test]

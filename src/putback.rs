@@ -239,6 +239,19 @@ pub fn check_rules(
     tpm: &Tpm,
     loc: &StateLocation,
 ) -> Result<()> {
+    let migrated_at = marks::migrated_away(vm, &gen.name);
+    check_rules_marked(migrated_at.is_some(), gen, domain, tpm, loc)
+}
+
+/// `check_rules`, told whether the store marks `gen` as taken when the VM
+/// migrated away (`import` asks before the store has the VM).
+pub fn check_rules_marked(
+    marked_migrated: bool,
+    gen: &Loaded,
+    domain: &Domain,
+    tpm: &Tpm,
+    loc: &StateLocation,
+) -> Result<()> {
     let m = &gen.manifest;
     let which = format!(
         "generation {} (captured {} on {} {})",
@@ -251,8 +264,7 @@ pub fn check_rules(
         "if this state is the right one, put it back with `swtpm-keeper restore {} --generation {} --force` and start again",
         domain.uuid, gen.name
     );
-    let migrated_at = marks::migrated_away(vm, &gen.name);
-    if m.reason == "migrated" || migrated_at.is_some() {
+    if m.reason == "migrated" || marked_migrated {
         return Err(Error::refused(format!("{which} was taken when the VM migrated to another host: its TPM lives on there and this copy is stale"), force));
     }
     if m.tpm.version != tpm.version {

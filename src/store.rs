@@ -473,7 +473,10 @@ fn linked_unchanged(tmp: &Dir, prev: Option<&Dir>, name: &str, bytes: &[u8]) -> 
 pub struct Loaded {
     pub name: String,
     pub manifest: Manifest,
+    /// Every file `SHA256SUMS` lists (the manifest too), as stored.
     pub files: Vec<(String, Vec<u8>)>,
+    /// `SHA256SUMS` itself, as stored (an export carries it unchanged).
+    pub sums: Vec<u8>,
 }
 
 impl Loaded {
@@ -515,16 +518,9 @@ pub fn load_verified_knowing(dir: &Path, max: u64, known: &[Known]) -> Result<Lo
         std::fs::read(&p).map_err(|e| Error::failed(format!("{n}: {e}")))
     };
     let sums_text = read(manifest::SUMS)?;
-    let sums = manifest::parse_sums(&String::from_utf8_lossy(&sums_text))
-        .map_err(|e| Error::failed(format!("{}: {e}", manifest::SUMS)))?;
+    let sums = parse_sums(&sums_text)?;
     let mut files = Vec::with_capacity(sums.len());
     for (n, hex) in &sums {
-        if n.starts_with('.') {
-            return Err(Error::failed(format!(
-                "{}: unexpected name {n:?}",
-                manifest::SUMS
-            )));
-        }
         let bytes = read(n)?;
         let sum_ok = match known.iter().find(|(k, h, _)| k == n && h == hex) {
             Some((_, _, b)) => *b == bytes.as_slice(),
@@ -535,6 +531,31 @@ pub fn load_verified_knowing(dir: &Path, max: u64, known: &[Known]) -> Result<Lo
         }
         files.push((n.clone(), bytes));
     }
+    let manifest = verified_manifest(&sums, &files)?;
+    Ok(Loaded {
+        name,
+        manifest,
+        files,
+        sums: sums_text,
+    })
+}
+
+/// `SHA256SUMS`, whose names are our own: never a dot file.
+fn parse_sums(text: &[u8]) -> Result<Vec<(String, String)>> {
+    let sums = manifest::parse_sums(&String::from_utf8_lossy(text))
+        .map_err(|e| Error::failed(format!("{}: {e}", manifest::SUMS)))?;
+    if let Some((n, _)) = sums.iter().find(|(n, _)| n.starts_with('.')) {
+        return Err(Error::failed(format!(
+            "{}: unexpected name {n:?}",
+            manifest::SUMS
+        )));
+    }
+    Ok(sums)
+}
+
+/// The manifest of files already checked against `sums`, read and checked
+/// against them and swtpm's header rules.
+fn verified_manifest(sums: &[(String, String)], files: &[(String, Vec<u8>)]) -> Result<Manifest> {
     let mbytes = files
         .iter()
         .find(|(n, _)| n == manifest::MANIFEST)
@@ -548,11 +569,46 @@ pub fn load_verified_knowing(dir: &Path, max: u64, known: &[Known]) -> Result<Lo
         })?;
     let m = Manifest::from_json(mbytes)
         .map_err(|e| Error::failed(format!("{}: {e}", manifest::MANIFEST)))?;
-    check_manifest_files(&m, &sums, &files)?;
+    check_manifest_files(&m, sums, files)?;
+    Ok(m)
+}
+
+/// Verify a generation held in memory (an archive's): `files` must be
+/// exactly what `sums` (the bytes of its `SHA256SUMS`) lists, each with
+/// its checksum, and the manifest and swtpm's header rules must agree, as
+/// for a stored generation.
+pub fn verify_in_memory(
+    name: &str,
+    sums: Vec<u8>,
+    files: Vec<(String, Vec<u8>)>,
+) -> Result<Loaded> {
+    let listed = parse_sums(&sums)?;
+    for (n, hex) in &listed {
+        let Some((_, bytes)) = files.iter().find(|(f, _)| f == n) else {
+            return Err(Error::failed(format!(
+                "{n}: listed in {} but missing",
+                manifest::SUMS
+            )));
+        };
+        if &manifest::sha256_hex(bytes) != hex {
+            return Err(Error::failed(format!("{n}: checksum mismatch")));
+        }
+    }
+    if let Some((n, _)) = files
+        .iter()
+        .find(|(f, _)| !listed.iter().any(|(l, _)| l == f))
+    {
+        return Err(Error::failed(format!(
+            "{n}: not listed in {}",
+            manifest::SUMS
+        )));
+    }
+    let manifest = verified_manifest(&listed, &files)?;
     Ok(Loaded {
-        name,
-        manifest: m,
+        name: name.to_owned(),
+        manifest,
         files,
+        sums,
     })
 }
 

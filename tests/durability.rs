@@ -3,8 +3,9 @@
 //! calls themselves. It runs the real binary under `strace -f -y` for each
 //! writer (a capture, a capture that prunes, a restore at `prepare` of the
 //! TPM state and the NVRAM, `restore --force`, a failed capture
-//! remembered) and checks the persistence protocol on the trace, as ALICE
-//! (Pillai et al., OSDI 2014) does for real applications. The rules:
+//! remembered, `export -o`, `import`, and the others in `WRITERS`) and
+//! checks the persistence protocol on the trace, as ALICE (Pillai et al.,
+//! OSDI 2014) does for real applications. The rules:
 //!
 //! - `file-synced-before-publish`: a file written in the run is fsynced
 //!   after its last write and before the rename that publishes it (its own
@@ -462,7 +463,16 @@ fn efi_lost(h: &Host) {
     std::fs::remove_file(h.nvram_path()).unwrap();
 }
 
-const WRITERS: [Writer; 7] = [
+/// The EFI VM captured, and its generation exported to `<root>/out/a.tar`.
+fn efi_exported(h: &Host) -> PathBuf {
+    efi_lost(h);
+    let file = h.root.join("out/a.tar");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    assert_ok(&h.run(&["export", "efitest", "-o", file.to_str().unwrap()], b""));
+    file
+}
+
+const WRITERS: [Writer; 9] = [
     Writer {
         name: "a capture (the first: store and VM directory made)",
         setup: |h| {
@@ -581,6 +591,25 @@ const WRITERS: [Writer; 7] = [
             let marker = h.vm_store(UUID_TRANS).join("capture-failed.json");
             assert!(marker.is_file(), "not remembered in the store");
         },
+    },
+    Writer {
+        name: "export -o FILE (a temporary beside it, renamed over it)",
+        setup: |h| {
+            let file = efi_exported(h);
+            let args = ["export", "efitest", "-o", file.to_str().unwrap()];
+            (args.map(String::from).to_vec(), Vec::new())
+        },
+        done: |h| assert!(h.root.join("out/a.tar").metadata().unwrap().len() > 0),
+    },
+    Writer {
+        name: "an import into an empty store (store and VM directory made)",
+        setup: |h| {
+            let file = efi_exported(h);
+            std::fs::remove_dir_all(&h.store).unwrap();
+            let args = ["import", file.to_str().unwrap()];
+            (args.map(String::from).to_vec(), Vec::new())
+        },
+        done: |h| assert_eq!(h.generations(UUID_EFI).len(), 1),
     },
 ];
 

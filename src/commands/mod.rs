@@ -2,6 +2,8 @@
 
 pub mod capture;
 pub mod check;
+pub mod export;
+pub mod import;
 pub mod list;
 pub mod prune;
 pub mod restore;
