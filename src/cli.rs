@@ -21,6 +21,7 @@ COMMANDS:
     capture <vm>... | --all
                           add a generation for running VMs (the timer runs --all)
     check                 is the hook installed, active, and the store sound?
+    metrics [-o FILE]     every VM's TPM protection for Prometheus (textfile collector)
     hook <domain> <op> <sub-op> <extra>
                           run as libvirt runs the hook (domain XML on stdin)
 
@@ -174,6 +175,32 @@ is recorded (in /run/swtpm-keeper/reloaded); after a reload by hand it
 stays `warn`.
 ";
 
+const METRICS_HELP: &str = "\
+swtpm-keeper metrics [-o FILE]
+
+What protects each VM's TPM, in the Prometheus text format for
+node_exporter's textfile collector: one series per VM that libvirt
+defines with an emulator TPM (labels vm and uuid), and the store's
+totals:
+  swtpm_keeper_vm_last_capture_timestamp_seconds   newest good capture (0: never)
+  swtpm_keeper_vm_generations, swtpm_keeper_vm_bytes
+  swtpm_keeper_vm_capture_failure_timestamp_seconds
+                                                   remembered failure (0: none)
+  swtpm_keeper_vm_protected                        1 if `check` finds it safe
+  swtpm_keeper_vms                                 VMs with an emulator TPM
+  swtpm_keeper_store_vms, swtpm_keeper_store_generations,
+  swtpm_keeper_store_bytes                         what the store holds
+  swtpm_keeper_metrics_timestamp_seconds           when this was written
+
+-o, --output FILE  replace FILE whole (a temporary beside it, then a
+                   rename, mode 0644), e.g.
+                   /var/lib/prometheus/node-exporter/swtpm-keeper.prom;
+                   default: print to stdout
+
+The capture timer (`capture --all`) writes metrics_file after each pass;
+see swtpm-keeper.conf(5). Alert rules: docs/monitoring.md.
+";
+
 const HOOK_HELP: &str = "\
 swtpm-keeper hook <domain> <op> <sub-op> <extra>
 
@@ -214,6 +241,9 @@ pub enum Command {
         dry_run: bool,
     },
     Check,
+    Metrics {
+        output: Option<PathBuf>,
+    },
     Capture {
         vms: Vec<String>,
         all: bool,
@@ -348,6 +378,7 @@ struct Options {
     /// prune's `--generation`s.
     named: Vec<String>,
     all: bool,
+    output: Option<PathBuf>,
     positional: Vec<String>,
 }
 
@@ -390,6 +421,12 @@ impl Options {
                 }
                 ("prune", "--dry-run" | "-n") => o.dry_run = true,
                 ("capture", "--all" | "-a") => o.all = true,
+                ("metrics", "--output" | "-o") => {
+                    let v = value(cmd, name, inline, &mut it)?;
+                    if v.is_empty() || o.output.replace(PathBuf::from(v)).is_some() {
+                        return Err(usage(cmd, "--output takes one file, once"));
+                    }
+                }
                 (_, n) if n.starts_with('-') && n.len() > 1 => {
                     return Err(usage(cmd, format!("unknown option {n}")))
                 }
@@ -464,6 +501,10 @@ fn build(cmd: &str, o: Options) -> Result<Command> {
             o.no_positional(cmd)?;
             Command::Check
         }
+        "metrics" => {
+            o.no_positional(cmd)?;
+            Command::Metrics { output: o.output }
+        }
         "capture" => {
             if o.all != o.positional.is_empty() {
                 return Err(usage(cmd, "name the VMs, or give --all (not both)"));
@@ -486,6 +527,7 @@ fn help_of(cmd: &str) -> Option<&'static str> {
         "prune" => PRUNE_HELP,
         "check" => CHECK_HELP,
         "capture" => CAPTURE_HELP,
+        "metrics" => METRICS_HELP,
         "hook" => HOOK_HELP,
         _ => return None,
     })
@@ -587,6 +629,20 @@ mod tests {
             }
         );
         assert_eq!(p(&["check"]).unwrap(), Command::Check);
+        assert_eq!(p(&["metrics"]).unwrap(), Command::Metrics { output: None });
+        for args in [
+            &["metrics", "-o", "/m/x.prom"][..],
+            &["metrics", "--output", "/m/x.prom"],
+            &["metrics", "--output=/m/x.prom"],
+        ] {
+            assert_eq!(
+                p(args).unwrap(),
+                Command::Metrics {
+                    output: Some("/m/x.prom".into())
+                },
+                "{args:?}"
+            );
+        }
         assert_eq!(
             p(&["capture", "--all"]).unwrap(),
             Command::Capture {
@@ -703,7 +759,7 @@ mod tests {
     #[test]
     fn every_command_has_help() {
         for c in [
-            "list", "show", "verify", "restore", "prune", "check", "hook",
+            "list", "show", "verify", "restore", "prune", "check", "hook", "metrics",
         ] {
             match p(&[c, "--help"]).unwrap() {
                 Command::Help(h) => assert!(h.starts_with(&format!("swtpm-keeper {c}")), "{c}"),
@@ -732,6 +788,10 @@ mod tests {
             vec!["prune", "--vm", "a", "--generation", "G1", "--keep", "1"],
             vec!["list", "extra"],
             vec!["show", "a", "--json", "--xml"],
+            vec!["metrics", "-o"],
+            vec!["metrics", "-o", "a", "-o", "b"],
+            vec!["metrics", "--output="],
+            vec!["metrics", "extra"],
         ] {
             let e = p(&a).unwrap_err();
             assert_eq!(e.kind, Kind::Usage, "{a:?}");

@@ -85,6 +85,9 @@ fn dispatch(cmd: Command, source: &Source) -> Result<i32> {
             };
             commands::prune::run(&cfg()?, &req, &mut out())
         }
+        Command::Metrics { output } => {
+            commands::metrics::run(&cfg()?, output.as_deref(), &mut out())
+        }
         Command::Capture { vms, all } => commands::capture::run(&cfg()?, &vms, all, &mut out()),
     }
 }

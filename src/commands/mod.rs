@@ -3,6 +3,7 @@
 pub mod capture;
 pub mod check;
 pub mod list;
+pub mod metrics;
 pub mod prune;
 pub mod restore;
 pub mod show;
