@@ -462,7 +462,7 @@ fn efi_lost(h: &Host) {
     std::fs::remove_file(h.nvram_path()).unwrap();
 }
 
-const WRITERS: [Writer; 6] = [
+const WRITERS: [Writer; 7] = [
     Writer {
         name: "a capture (the first: store and VM directory made)",
         setup: |h| {
@@ -567,6 +567,23 @@ const WRITERS: [Writer; 6] = [
             assert!(std::fs::metadata(p).unwrap().len() > 0, "not mended");
             let evidence = h.store_entries(UUID_EFI, "corrupt-").len();
             assert_eq!(evidence, 1, "no evidence kept");
+        },
+    },
+    Writer {
+        name: "metrics -o FILE (replacing the file node_exporter reads)",
+        setup: |h| {
+            let dir = h.root.join("textfile");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("swtpm-keeper.prom"), "old\n").unwrap();
+            let out = dir.join("swtpm-keeper.prom").display().to_string();
+            (
+                ["metrics", "-o", &out].map(String::from).to_vec(),
+                Vec::new(),
+            )
+        },
+        done: |h| {
+            let text = std::fs::read_to_string(h.root.join("textfile/swtpm-keeper.prom")).unwrap();
+            assert!(text.contains("\nswtpm_keeper_vms "), "{text}");
         },
     },
 ];
