@@ -131,6 +131,8 @@ check "the metrics file is mode 0644 (node_exporter's user reads it)" test "$(st
 check "no temporary is left beside it" test "$(ls -A "$TEXTDIR")" = swtpm-keeper.prom
 check "promtool check metrics passes on the file" quiet promtool check metrics <"$PROM"
 check "promtool check rules passes on the shipped rules" quiet promtool check rules "$RULES"
+check "promtool test rules: each alert fires when and as docs/monitoring.md says" \
+    quiet sh -c "cd '$TOP/packaging/prometheus' && promtool test rules swtpm-keeper.rules.test.yml"
 
 prometheus-node-exporter --web.listen-address=127.0.0.1:$PORT --collector.disable-defaults \
     --collector.textfile --collector.textfile.directory="$TEXTDIR" >"$WORK/node.log" 2>&1 &
