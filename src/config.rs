@@ -12,6 +12,10 @@ use crate::error::{Error, Result};
 
 pub const DEFAULT_PATH: &str = "/etc/swtpm-keeper/swtpm-keeper.conf";
 pub const ENV_VAR: &str = "SWTPM_KEEPER_CONFIG";
+/// One day: see `Config::max_capture_age`.
+pub const DEFAULT_MAX_CAPTURE_AGE: u64 = 86_400;
+/// The metrics file's name in `prometheus_textfile_dir`.
+pub const METRICS_FILE_NAME: &str = "swtpm-keeper.prom";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +91,19 @@ pub struct Config {
     /// `check` warns about a running VM whose newest capture is older
     /// than three of these.
     pub capture_interval: u64,
+    /// Seconds after which `check` calls a running VM's newest capture
+    /// stale. The capture timer runs every `capture_interval` (5 min), so
+    /// a day without one means something is wrong, not a slow timer.
+    pub max_capture_age: u64,
+    /// libvirt's persistent secrets (`<uuid>.xml`): `check` tells whether
+    /// a VM's `<encryption secret>` still exists.
+    pub libvirt_secrets_dir: PathBuf,
+    /// Where `metrics` and the capture timer write the Prometheus text
+    /// file; unset: see `metrics_file()`.
+    pub metrics_file: Option<PathBuf>,
+    /// node_exporter's textfile collector directory: the metrics file goes
+    /// there by default when it exists.
+    pub prometheus_textfile_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -108,6 +125,10 @@ impl Default for Config {
             restore: RestoreAtPrepare::Auto,
             on_refusal: OnRefusal::Abort,
             capture_interval: 300,
+            max_capture_age: DEFAULT_MAX_CAPTURE_AGE,
+            libvirt_secrets_dir: "/etc/libvirt/secrets".into(),
+            metrics_file: None,
+            prometheus_textfile_dir: "/var/lib/prometheus/node-exporter".into(),
         }
     }
 }
@@ -198,6 +219,8 @@ impl Config {
             ("libvirt_run_dir", &self.libvirt_run_dir),
             ("libvirt_hooks_dir", &self.libvirt_hooks_dir),
             ("run_dir", &self.run_dir),
+            ("libvirt_secrets_dir", &self.libvirt_secrets_dir),
+            ("prometheus_textfile_dir", &self.prometheus_textfile_dir),
         ] {
             if !p.is_absolute() {
                 return bad(key, "must be an absolute path");
@@ -221,6 +244,15 @@ impl Config {
         if !(60..=86_400).contains(&self.capture_interval) {
             return bad("capture_interval", "must be 60 to 86400 seconds");
         }
+        if self.metrics_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return bad("metrics_file", "must be an absolute path");
+        }
+        if !(60..=366 * 86_400).contains(&self.max_capture_age) {
+            return bad(
+                "max_capture_age",
+                "must be 60 seconds to 366 days (31622400)",
+            );
+        }
         if self.max_generation_size.is_some_and(|n| n < 1024) {
             return bad("max_generation_size", "must be at least 1024 bytes");
         }
@@ -234,6 +266,17 @@ impl Config {
     pub fn max_generation_size(&self) -> u64 {
         self.max_generation_size
             .unwrap_or(self.max_file_size.saturating_mul(3))
+    }
+
+    /// The Prometheus text file to write: `metrics_file`, else
+    /// `swtpm-keeper.prom` in node_exporter's textfile directory when that
+    /// exists (a host without node_exporter gets no file), else None.
+    pub fn metrics_file(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.metrics_file {
+            return Some(p.clone());
+        }
+        let dir = &self.prometheus_textfile_dir;
+        dir.is_dir().then(|| dir.join(METRICS_FILE_NAME))
     }
 
     pub fn lock_timeout(&self) -> Duration {
@@ -276,6 +319,40 @@ mod tests {
         assert_eq!(c.max_generation_size(), 5_000_000);
         let e = Config::parse("max_generation_size = 10").unwrap_err();
         assert!(e.to_string().contains("`max_generation_size`"), "{e}");
+    }
+
+    #[test]
+    fn the_metrics_file_defaults_to_the_textfile_dir_only_when_it_exists() {
+        let dir = std::env::temp_dir().join(format!("swk-config-prom-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = format!("prometheus_textfile_dir = {dir:?}\n");
+        assert_eq!(Config::parse(&text).unwrap().metrics_file(), None);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(
+            Config::parse(&text).unwrap().metrics_file(),
+            Some(dir.join("swtpm-keeper.prom"))
+        );
+        let named = format!("{text}metrics_file = \"/srv/m.prom\"\n");
+        assert_eq!(
+            Config::parse(&named).unwrap().metrics_file(),
+            Some(PathBuf::from("/srv/m.prom"))
+        );
+        let e = Config::parse("metrics_file = \"m.prom\"").unwrap_err();
+        assert!(e.to_string().contains("`metrics_file`"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn max_capture_age_defaults_to_a_day_and_is_bounded() {
+        assert_eq!(Config::default().max_capture_age, 86_400);
+        assert_eq!(
+            Config::parse("max_capture_age = 600")
+                .unwrap()
+                .max_capture_age,
+            600
+        );
+        let e = Config::parse("max_capture_age = 59").unwrap_err();
+        assert!(e.to_string().contains("`max_capture_age`"), "{e}");
     }
 
     #[test]

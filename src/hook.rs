@@ -17,6 +17,7 @@ use crate::capture::{self, Event, Outcome};
 use crate::config::{self, Config, OnRefusal, Source};
 use crate::domain::{Domain, Tpm, MAX_XML_BYTES};
 use crate::error::Error;
+use crate::failure;
 use crate::logging;
 use crate::marks;
 use crate::putback::{self, NvramOutcome, Outcome as PutBackOutcome};
@@ -210,6 +211,8 @@ impl<'a> Job<'a> {
     /// decide what a later start on this host does.
     fn capture(&self) {
         let result = capture::capture(&self.cfg, &self.domain, &self.tpm, &self.event(), &self.xml);
+        // Remembered: the stop succeeds, and only syslog would tell.
+        failure::settle(&self.cfg, &self.domain.uuid, &self.args.op, &result);
         // A stored or unchanged state got the migrated mark with it.
         let marked = matches!(
             result,

@@ -169,6 +169,7 @@ mod tests {
         for n in [
             "00000001-20261121T215608Z",
             "migrated-away.json",
+            "capture-failed.json",
             "host@-x",
             "@12-x",
             "host@12",

@@ -5,10 +5,12 @@ pub mod capture; // what a stop captures, and how
 pub mod cli; // the command line
 pub mod commands; // the operator's commands, one module each
 pub mod config; // the configuration file
+pub mod coverage; // which VMs' TPMs are protected: libvirt's VMs joined with the store
 pub mod domain; // the domain XML libvirt passes on stdin
 pub mod error; // errors that name the action and the path
 pub mod evidence; // corrupt states kept in the store, never restored
 pub mod failpoint; // crash injection for tests (feature `failpoints`)
+pub mod failure; // the remembered capture failure
 pub mod fsutil; // symlink-safe opens, bounded reads, durable writes
 pub mod hook; // the libvirt hook protocol
 pub mod inventory; // the store as the commands see it

@@ -4,6 +4,7 @@
 //! not put an old copy back. `migrated-away.json`: the VM's TPM lives on
 //! on another host from that generation on. `protected.json`: the
 //! generations refused restores left behind, which retention keeps.
+//! (`capture-failed.json`, the remembered failed capture, is `failure`'s.)
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

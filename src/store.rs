@@ -611,8 +611,8 @@ impl VmStore {
         load_verified_knowing(&self.dir.join(generation), max, known)
     }
 
-    /// Small per-VM records (`migrated-away.json`, `incoming-<host>.json`),
-    /// replaced atomically.
+    /// Small per-VM records (`migrated-away.json`, `incoming-<host>.json`,
+    /// `protected.json`, `capture-failed.json`), replaced atomically.
     pub fn write_marker(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let vm = self.writer()?;
         let tmp = leftover::name(TMP_PREFIX, name);

@@ -2,9 +2,9 @@
 //! so no crash test can see a missing fsync; this one looks at the system
 //! calls themselves. It runs the real binary under `strace -f -y` for each
 //! writer (a capture, a capture that prunes, a restore at `prepare` of the
-//! TPM state and the NVRAM, `restore --force`) and checks the persistence
-//! protocol on the trace, as ALICE (Pillai et al., OSDI 2014) does for
-//! real applications. The rules:
+//! TPM state and the NVRAM, `restore --force`, a failed capture
+//! remembered) and checks the persistence protocol on the trace, as ALICE
+//! (Pillai et al., OSDI 2014) does for real applications. The rules:
 //!
 //! - `file-synced-before-publish`: a file written in the run is fsynced
 //!   after its last write and before the rename that publishes it (its own
@@ -462,7 +462,7 @@ fn efi_lost(h: &Host) {
     std::fs::remove_file(h.nvram_path()).unwrap();
 }
 
-const WRITERS: [Writer; 7] = [
+const WRITERS: [Writer; 8] = [
     Writer {
         name: "a capture (the first: store and VM directory made)",
         setup: |h| {
@@ -542,14 +542,11 @@ const WRITERS: [Writer; 7] = [
             );
             std::fs::write(run.join("tpmtrans.xml"), status).unwrap();
             std::fs::write(run.join("tpmtrans.pid"), me.to_string()).unwrap();
-            // Under a parent of its own, as /run/swtpm-keeper is: the
-            // store's syncs of the host root cover nothing of it.
-            std::fs::create_dir_all(h.root.join("run")).unwrap();
+            // run_dir is under a parent of its own (Host::run_dir), as
+            // /run/swtpm-keeper is: the store's syncs of the host root
+            // cover nothing of it.
             let mut conf = std::fs::read_to_string(&h.conf).unwrap();
-            conf.push_str(&format!(
-                "libvirt_run_dir = {run:?}\nrun_dir = {:?}\n",
-                h.root.join("run/swtpm-keeper")
-            ));
+            conf.push_str(&format!("libvirt_run_dir = {run:?}\n"));
             std::fs::write(&h.conf, conf).unwrap();
             (["capture", "--all"].map(String::from).to_vec(), Vec::new())
         },
@@ -567,6 +564,25 @@ const WRITERS: [Writer; 7] = [
             assert!(std::fs::metadata(p).unwrap().len() > 0, "not mended");
             let evidence = h.store_entries(UUID_EFI, "corrupt-").len();
             assert_eq!(evidence, 1, "no evidence kept");
+        },
+    },
+    Writer {
+        name: "a failed capture remembered (in run_dir, and beside the generations)",
+        setup: |h| {
+            h.put_state(
+                UUID_TRANS,
+                &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
+            );
+            assert_ok(&h.stop_transient());
+            h.put_state(UUID_TRANS, &[("tpm2-00.permall", b"not a swtpm blob")]);
+            (hook_args("tpmtrans", "stopped", "end"), transient_xml())
+        },
+        done: |h| {
+            assert_eq!(h.generations(UUID_TRANS).len(), 1, "nothing new stored");
+            let run = h.run_dir().join(format!("failures/{UUID_TRANS}.json"));
+            assert!(run.is_file(), "not remembered in run_dir");
+            let marker = h.vm_store(UUID_TRANS).join("capture-failed.json");
+            assert!(marker.is_file(), "not remembered in the store");
         },
     },
     Writer {

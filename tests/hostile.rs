@@ -152,9 +152,15 @@ fn run_document(i: usize, name: &str, xml_template: &[u8]) -> usize {
     std::os::unix::fs::symlink("/etc", linkdir.join("tpm")).unwrap();
     h.logs();
 
-    // libvirt's own state path for the UUID may be restored into; nothing
-    // else (libvirt's swtpm dir is checked below: only the UUID may appear).
-    let skip = [h.store.clone(), h.root.join("log.sock"), h.swtpm.clone()];
+    // libvirt's own state path for the UUID may be restored into, and a
+    // failed capture is remembered in run_dir; nothing else (libvirt's
+    // swtpm dir is checked below: only the UUID may appear).
+    let skip = [
+        h.store.clone(),
+        h.root.join("log.sock"),
+        h.swtpm.clone(),
+        h.root.join("run"),
+    ];
     let before = snapshot(&h.root, &skip);
     // Per document: the window is this document's runs alone.
     let etc_before = etc_snapshot();

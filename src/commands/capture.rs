@@ -8,6 +8,7 @@ use crate::capture::{self, Event, Outcome};
 use crate::config::Config;
 use crate::domain::{Domain, Uuid};
 use crate::error::{Error, Result};
+use crate::failure;
 use crate::inventory;
 use crate::logging::sanitize;
 use crate::running::{self, RunningVm};
@@ -82,19 +83,26 @@ fn capture_running(cfg: &Config, vm: &RunningVm, all: bool) -> Result<Done> {
         let why = "an incoming migration is still bringing its TPM state".into();
         return Ok(Done::Skipped(Some(why)));
     }
+    let result = keep_running(cfg, vm);
+    failure::settle(cfg, &vm.domain.uuid, "capture", &result);
+    let outcome = result?;
+    log_outcome(&vm.domain, "capture/live", &outcome);
+    Ok(Done::Kept(outcome))
+}
+
+/// The state of a VM that runs, kept (or found unchanged).
+fn keep_running(cfg: &Config, vm: &RunningVm) -> Result<Outcome> {
     let store = Store::new(&cfg.store_dir);
     let uuid = &vm.domain.uuid;
     // Unchanged VMs (most, most of the time) under a shared lock only.
     if store.vm_dir(uuid).is_dir() {
         let shared = store.read_vm(uuid, cfg.lock_timeout())?;
         if let Some(unchanged) = capture::unchanged_running(cfg, &shared, vm)? {
-            return Ok(Done::Kept(unchanged));
+            return Ok(unchanged);
         }
     }
     let locked = store.open_vm(uuid, cfg.lock_timeout())?;
-    let outcome = capture::capture_running(cfg, &locked, vm)?;
-    log_outcome(&vm.domain, "capture/live", &outcome);
-    Ok(Done::Kept(outcome))
+    capture::capture_running(cfg, &locked, vm)
 }
 
 /// A VM that does not run is captured as at a stop, from libvirt's
@@ -116,7 +124,9 @@ fn capture_stopped(cfg: &Config, name: &str) -> Result<Done> {
         sub_op: "-".into(),
         extra: "-".into(),
     };
-    let outcome = capture::capture(cfg, &domain, &tpm, &event, &xml)?;
+    let result = capture::capture(cfg, &domain, &tpm, &event, &xml);
+    failure::settle(cfg, &domain.uuid, "capture", &result);
+    let outcome = result?;
     log_outcome(&domain, "capture/-", &outcome);
     Ok(Done::Kept(outcome))
 }

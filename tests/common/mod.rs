@@ -42,7 +42,8 @@ impl Host {
     pub fn with_config(test: &str, extra: &str) -> Host {
         let root = std::env::temp_dir().join(format!("swk-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        for d in ["swtpm", "etc-qemu", "nvram"] {
+        // `run`: the parent of run_dir, as /run is (run_dir is made).
+        for d in ["swtpm", "etc-qemu", "nvram", "run"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         let sock = root.join("log.sock");
@@ -64,8 +65,8 @@ impl Host {
         let qemu_conf = h.root.join("host-qemu.conf");
         std::fs::write(&qemu_conf, format!("user = \"+{uid}\"\ngroup = \"+{gid}\"\nswtpm_user = \"+{uid}\"\nswtpm_group = \"+{gid}\"\n")).unwrap();
         let base = format!(
-            "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\nqemu_conf = {:?}\n",
-            h.store, h.swtpm, h.etc_qemu, sock, qemu_conf
+            "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\nqemu_conf = {:?}\nrun_dir = {:?}\n",
+            h.store, h.swtpm, h.etc_qemu, sock, qemu_conf, h.run_dir()
         );
         // A key in `extra` replaces the base's (TOML refuses duplicates).
         let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_owned();
@@ -78,6 +79,11 @@ impl Host {
         text.push_str(extra);
         std::fs::write(&h.conf, text).unwrap();
         h
+    }
+
+    /// This host's run_dir (tmpfs `/run/swtpm-keeper` on a real one).
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run/swtpm-keeper")
     }
 
     /// The state dir libvirt would use for a TPM 2.0 VM.
