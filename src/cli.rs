@@ -99,6 +99,8 @@ stop, nor a protected one (see prune).
 
 Exit 0 when every VM was captured, unchanged or skipped; 1 when any
 failed (after trying all), with the reason on stderr and in syslog.
+With --all, it then writes metrics_file for Prometheus (see `metrics
+--help`); a file that cannot be written also makes the exit 1.
 ";
 
 const VERIFY_HELP: &str = "\
@@ -187,6 +189,8 @@ totals:
   swtpm_keeper_vm_capture_failure_timestamp_seconds
                                                    remembered failure (0: none)
   swtpm_keeper_vm_protected                        1 if `check` finds it safe
+  swtpm_keeper_vm_stale                            1 if it runs and was last
+                                                   confirmed > max_capture_age ago
   swtpm_keeper_vms                                 VMs with an emulator TPM
   swtpm_keeper_store_vms, swtpm_keeper_store_generations,
   swtpm_keeper_store_bytes                         what the store holds

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::config::Config;
+use crate::coverage::{self, Verdict, VmCoverage};
 use crate::error::{Error, Result};
 use crate::fsutil::{Dir, Rename};
 
@@ -26,6 +27,9 @@ pub struct VmSeries {
     pub failure: Option<i64>,
     /// The survey's verdict: its TPM is safe in the store.
     pub protected: bool,
+    /// It runs and the store last confirmed its state more than
+    /// `max_capture_age` ago (`check` warns).
+    pub stale: bool,
 }
 
 /// Everything one exposition says.
@@ -44,7 +48,7 @@ pub struct Snapshot {
 /// A metric family: name, help text, and its value for a VM.
 type PerVm = (&'static str, &'static str, fn(&VmSeries) -> i64);
 
-const PER_VM: [PerVm; 5] = [
+const PER_VM: [PerVm; 6] = [
     (
         "swtpm_keeper_vm_last_capture_timestamp_seconds",
         "Unix time of the VM's newest good TPM capture (0: never captured).",
@@ -69,6 +73,11 @@ const PER_VM: [PerVm; 5] = [
         "swtpm_keeper_vm_protected",
         "1 if the VM's TPM is safe in the store (captured, no failure, secret present), else 0.",
         |v| i64::from(v.protected),
+    ),
+    (
+        "swtpm_keeper_vm_stale",
+        "1 if the VM runs and its state was last confirmed longer ago than max_capture_age, else 0.",
+        |v| i64::from(v.stale),
     ),
 ];
 
@@ -181,7 +190,7 @@ pub fn write_file(path: &Path, text: &str) -> Result<()> {
 
 /// `swtpm-keeper metrics [-o FILE]`: exit 0 when written.
 pub fn run(cfg: &Config, output: Option<&Path>, out: &mut dyn Write) -> Result<i32> {
-    let text = render(&snapshot(cfg, unix_now())?);
+    let text = render(&snapshot(cfg, unix_now()));
     emit(&text, output, out)?;
     Ok(0)
 }
@@ -192,13 +201,58 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// What the survey found, as series.
-pub fn snapshot(_cfg: &Config, now: i64) -> Result<Snapshot> {
-    // TODO(i18-core): from coverage::survey.
-    Ok(Snapshot {
+/// What the survey found, as series. A file it could not read is logged
+/// (the VMs it found are still shown: a partial picture beats none).
+pub fn snapshot(cfg: &Config, now: i64) -> Snapshot {
+    let survey = coverage::survey(cfg, now);
+    for p in &survey.problems {
+        log::warn!("metrics: {p}");
+    }
+    Snapshot {
+        vms: survey.vms.iter().map(series).collect(),
+        store_vms: survey.store.vms as u64,
+        store_generations: survey.store.generations as u64,
+        store_bytes: survey.store.bytes,
         written: now,
-        ..Snapshot::default()
-    })
+    }
+}
+
+fn series(c: &VmCoverage) -> VmSeries {
+    VmSeries {
+        name: c.name.clone(),
+        uuid: c.uuid.to_string(),
+        last_capture: c.newest.as_ref().map(|n| n.time_unix),
+        generations: c.generations as u64,
+        bytes: c.bytes,
+        // A damaged record says a capture failed, not when: 1 (not 0,
+        // which means none).
+        failure: c.failure.as_ref().map(|f| f.time_unix().unwrap_or(1)),
+        protected: c.protected,
+        stale: c.verdict == Verdict::Stale,
+    }
+}
+
+/// After a `capture --all` pass (the timer's), write `metrics_file` when
+/// there is one. False when it cannot be written, which the pass turns
+/// into exit 1: the timer's unit then fails (`systemctl --failed`), seen
+/// also by operators who watch systemd rather than the metrics, and the
+/// metrics would otherwise go on showing an old picture with no sign.
+/// It runs after every VM was captured, so it never costs a capture.
+pub fn write_after_pass(cfg: &Config) -> bool {
+    let Some(path) = cfg.metrics_file() else {
+        return true;
+    };
+    let text = render(&snapshot(cfg, unix_now()));
+    match write_file(&path, &text) {
+        Ok(()) => true,
+        Err(e) => {
+            log::error!(
+                "metrics for Prometheus NOT written: {e} (the TPM captures are not affected; \
+                 make the directory writable, or set metrics_file in swtpm-keeper.conf)"
+            );
+            false
+        }
+    }
 }
 
 /// Print the exposition, or with `output` write it there.
@@ -305,6 +359,7 @@ mod tests {
                 },
                 VmSeries {
                     protected: true,
+                    stale: true,
                     ..vm("never", "6b6b")
                 },
             ],
@@ -325,6 +380,8 @@ mod tests {
             "swtpm_keeper_vm_capture_failure_timestamp_seconds{vm=\"never\",uuid=\"6b6b\"} 0"
                 .into(),
             "swtpm_keeper_vm_protected{vm=\"never\",uuid=\"6b6b\"} 1".into(),
+            "swtpm_keeper_vm_stale{vm=\"never\",uuid=\"6b6b\"} 1".into(),
+            format!("swtpm_keeper_vm_stale{l} 0"),
             "swtpm_keeper_store_vms 4".into(),
             "swtpm_keeper_store_generations 9".into(),
             "swtpm_keeper_store_bytes 1048576".into(),

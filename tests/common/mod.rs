@@ -64,9 +64,11 @@ impl Host {
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let qemu_conf = h.root.join("host-qemu.conf");
         std::fs::write(&qemu_conf, format!("user = \"+{uid}\"\ngroup = \"+{gid}\"\nswtpm_user = \"+{uid}\"\nswtpm_group = \"+{gid}\"\n")).unwrap();
+        // The textfile dir is not made: no metrics file unless a test
+        // makes it (never node_exporter's on the machine running the tests).
         let base = format!(
-            "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\nqemu_conf = {:?}\nrun_dir = {:?}\n",
-            h.store, h.swtpm, h.etc_qemu, sock, qemu_conf, h.run_dir()
+            "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\nqemu_conf = {:?}\nrun_dir = {:?}\nprometheus_textfile_dir = {:?}\n",
+            h.store, h.swtpm, h.etc_qemu, sock, qemu_conf, h.run_dir(), h.textfile_dir()
         );
         // A key in `extra` replaces the base's (TOML refuses duplicates).
         let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_owned();
@@ -79,6 +81,11 @@ impl Host {
         text.push_str(extra);
         std::fs::write(&h.conf, text).unwrap();
         h
+    }
+
+    /// node_exporter's textfile directory for this host (not made).
+    pub fn textfile_dir(&self) -> PathBuf {
+        self.root.join("textfile")
     }
 
     /// This host's run_dir (tmpfs `/run/swtpm-keeper` on a real one).
