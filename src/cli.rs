@@ -20,7 +20,7 @@ COMMANDS:
     prune                 remove old generations (--keep N, --older-than DAYS, --generation G)
     capture <vm>... | --all
                           add a generation for running VMs (the timer runs --all)
-    check                 is the hook installed, active, and the store sound?
+    check                 is the hook installed and active, the store sound, every TPM kept?
     metrics [-o FILE]     every VM's TPM protection for Prometheus (textfile collector)
     hook <domain> <op> <sub-op> <extra>
                           run as libvirt runs the hook (domain XML on stdin)
@@ -44,13 +44,21 @@ const LIST_HELP: &str = "\
 swtpm-keeper list [--json]
 
 Every VM the store holds states for: name, UUID, number of generations,
-the newest capture's time and event, the total size, and flags:
+the newest capture's time and event, the VM's state when it was read
+(STATE: shutoff, running or paused; `-` for captures before 0.2), the
+host it was taken on, the total size, and flags:
   encrypted  the newest state is encrypted (<encryption secret=...>)
   nvram      the newest generation holds the UEFI vars file
   migrated   the newest state was captured when the VM migrated away
   defined    libvirt on this host defines the VM (its config dir has it)
+  protected  a refused restore left a generation that retention keeps
   corrupt-evidence
              a corrupt TPM state found at prepare is kept (see `show`)
+  live       the newest generation was read from the running VM
+  capture-failed
+             the last capture failed (at a stop, or from `capture`); a
+             line under the table says when and why. A good capture
+             clears it.
 
 --json prints {\"version\": 1, \"vms\": [...]} for scripts; see
 swtpm-keeper(8) for the schema.
@@ -61,8 +69,10 @@ swtpm-keeper show <vm> [--json] [--xml [GENERATION]]
 
 A VM's generations, newest first: capture time, host, event and shutoff
 reason, TPM version and encryption secret, and each file with its size,
-original mode and owner, and SHA-256. Corrupt TPM states that a start
-replaced (kept as evidence, never restored) are listed first.
+original mode and owner, and SHA-256. A failed last capture (when, at
+which event, why; cleared by the next good capture) and corrupt TPM
+states that a start replaced (kept as evidence, never restored) are
+listed first.
 
 --json        the same as JSON ({\"version\": 1, ...})
 --xml [GEN]   print only the stored domain.xml of GEN (default: the
@@ -162,14 +172,32 @@ one of these, name it with --vm VM --generation GEN.
 ";
 
 const CHECK_HELP: &str = "\
-swtpm-keeper check
+swtpm-keeper check [--json]
 
-Is everything in place? One line per check, `ok`, `warn` or `FIX` with
-what to do: the configuration, the hook where this host's libvirt looks
-for it (and pointing at this program), the running libvirt daemon (a hook
-installed after it started is used only after a reload), the store's
-ownership and mode, syslog, and the owners restored files will get from
-qemu.conf. Exits 1 if any line says FIX.
+Is everything in place, and is every TPM protected? One line per check,
+`ok`, `warn` or `FIX` with what to do: the configuration, the hook where
+this host's libvirt looks for it (a link to this program, or a copy of
+it: judged by the version the copy embeds, never by running it; another
+version is `warn`), the running libvirt daemon (a hook installed after it
+started is used only after a reload), the store's ownership and mode,
+syslog, the owners restored files will get from qemu.conf, and the
+capture timer.
+
+Then every VM libvirt defines with an emulator TPM (libvirt_config_dir)
+or runs (the status files in libvirt_run_dir, transient VMs too), read
+without calling libvirt: its newest good generation and its age; FIX
+when it was never captured, when its last capture failed (with the
+reason), when its <encryption secret> is not among libvirt's secrets, or
+when its newest generation was captured under another secret; warn when
+a running VM's state was last confirmed more than max_capture_age ago.
+\"Good\" here means complete, with a sound manifest and every listed
+file present at its size; `verify` checks the bytes. A summary line
+follows: VMs with a TPM, protected, stale, never captured, failing.
+
+--json   the same findings as {\"version\": 1, \"findings\": [...],
+         \"vms\": [...], ...}; see swtpm-keeper(8) for the schema.
+
+Exits 1 if any line says FIX.
 
 `warn` marks what cannot be told for sure. A reload leaves no trace, so a
 daemon older than the hook is `ok` only if the install's own reload of it
@@ -244,7 +272,9 @@ pub enum Command {
         generations: Vec<String>,
         dry_run: bool,
     },
-    Check,
+    Check {
+        json: bool,
+    },
     Metrics {
         output: Option<PathBuf>,
     },
@@ -396,7 +426,7 @@ impl Options {
                 _ => (arg.as_str(), None),
             };
             match (cmd, name) {
-                ("list" | "show", "--json") => o.json = true,
+                ("list" | "show" | "check", "--json") => o.json = true,
                 ("show", "--xml") => {
                     // The generation is optional: `--xml=GEN`, or a generation name next.
                     let next = it
@@ -503,7 +533,7 @@ fn build(cmd: &str, o: Options) -> Result<Command> {
         }
         "check" => {
             o.no_positional(cmd)?;
-            Command::Check
+            Command::Check { json: o.json }
         }
         "metrics" => {
             o.no_positional(cmd)?;
@@ -632,7 +662,11 @@ mod tests {
                 dry_run: false
             }
         );
-        assert_eq!(p(&["check"]).unwrap(), Command::Check);
+        assert_eq!(p(&["check"]).unwrap(), Command::Check { json: false });
+        assert_eq!(
+            p(&["check", "--json"]).unwrap(),
+            Command::Check { json: true }
+        );
         assert_eq!(p(&["metrics"]).unwrap(), Command::Metrics { output: None });
         for args in [
             &["metrics", "-o", "/m/x.prom"][..],

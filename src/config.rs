@@ -247,11 +247,15 @@ impl Config {
         if self.metrics_file.as_ref().is_some_and(|p| !p.is_absolute()) {
             return bad("metrics_file", "must be an absolute path");
         }
-        if !(60..=366 * 86_400).contains(&self.max_capture_age) {
-            return bad(
-                "max_capture_age",
-                "must be 60 seconds to 366 days (31622400)",
+        // A running VM's unchanged state is confirmed by reading it again
+        // once an hour (live::RECHECK_SECS), at the timer's next pass.
+        let least = crate::live::RECHECK_SECS as u64 + 2 * self.capture_interval;
+        if !(least..=366 * 86_400).contains(&self.max_capture_age) {
+            let why = format!(
+                "must be at least {least} seconds (1 h + 2 × capture_interval: an unchanged \
+                 running VM is confirmed hourly) and at most 366 days (31622400)"
             );
+            return bad("max_capture_age", &why);
         }
         if self.max_generation_size.is_some_and(|n| n < 1024) {
             return bad("max_generation_size", "must be at least 1024 bytes");
@@ -346,12 +350,12 @@ mod tests {
     fn max_capture_age_defaults_to_a_day_and_is_bounded() {
         assert_eq!(Config::default().max_capture_age, 86_400);
         assert_eq!(
-            Config::parse("max_capture_age = 600")
+            Config::parse("max_capture_age = 4200")
                 .unwrap()
                 .max_capture_age,
-            600
+            4200
         );
-        let e = Config::parse("max_capture_age = 59").unwrap_err();
+        let e = Config::parse("max_capture_age = 4199").unwrap_err();
         assert!(e.to_string().contains("`max_capture_age`"), "{e}");
     }
 

@@ -21,6 +21,7 @@ use crate::live::Seen;
 use crate::manifest::{self, Manifest, Role};
 use crate::running;
 use crate::store::{Store, VmStore};
+use crate::swtpm::StateLocation;
 
 /// Where libvirt shows the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -48,6 +49,9 @@ pub enum Verdict {
     SecretChanged,
     /// No good generation.
     NeverCaptured,
+    /// Defined, never started: no TPM state at libvirt's path, nothing
+    /// to keep yet.
+    NoStateYet,
     /// It runs, and its state was last confirmed more than
     /// `max_capture_age` ago.
     Stale,
@@ -62,6 +66,7 @@ impl Verdict {
             Verdict::SecretMissing => "secret-missing",
             Verdict::SecretChanged => "secret-changed",
             Verdict::NeverCaptured => "never-captured",
+            Verdict::NoStateYet => "no-state-yet",
             Verdict::Stale => "stale",
             Verdict::Ok => "ok",
         }
@@ -103,6 +108,8 @@ pub struct VmCoverage {
     pub secret: Option<String>,
     pub secret_defined: Option<bool>,
     pub store_error: Option<String>,
+    /// libvirt's TPM state exists (false: the VM never started).
+    pub has_state: bool,
     pub verdict: Verdict,
     /// A good generation, no remembered failure, no secret problem.
     pub protected: bool,
@@ -311,7 +318,9 @@ fn judge(cfg: &Config, now: i64, uuid: Uuid, lv: Libvirt, held: Held) -> VmCover
     };
     // The definition is what the next start uses; else the live domain.
     let domain = lv.config.or(lv.status).expect("found in one of them");
-    let secret = domain.tpm.and_then(|t| t.encryption_secret);
+    let tpm = domain.tpm.as_ref().expect("only VMs with an emulator TPM");
+    let has_state = has_state(&StateLocation::of(&cfg.swtpm_dir, &domain, tpm));
+    let secret = tpm.encryption_secret.clone();
     let secret_defined = secret
         .as_ref()
         .map(|s| cfg.libvirt_secrets_dir.join(format!("{s}.xml")).is_file());
@@ -339,6 +348,7 @@ fn judge(cfg: &Config, now: i64, uuid: Uuid, lv: Libvirt, held: Held) -> VmCover
         secret,
         secret_defined,
         store_error: held.error,
+        has_state,
         verdict: Verdict::Ok,
         protected: false,
     };
@@ -364,12 +374,23 @@ fn verdict(vm: &VmCoverage, now: i64, max_age: u64) -> Verdict {
         Verdict::SecretMissing
     } else if vm.changed_secret().is_some() {
         Verdict::SecretChanged
+    } else if vm.newest.is_none() && !vm.running() && !vm.has_state {
+        Verdict::NoStateYet
     } else if vm.newest.is_none() {
         Verdict::NeverCaptured
     } else if stale {
         Verdict::Stale
     } else {
         Verdict::Ok
+    }
+}
+
+/// Whether libvirt's TPM state is there: a state file, or a state
+/// directory with anything in it.
+fn has_state(loc: &StateLocation) -> bool {
+    match loc {
+        StateLocation::File(p) => p.exists(),
+        StateLocation::Dir(p) => std::fs::read_dir(p).is_ok_and(|mut rd| rd.next().is_some()),
     }
 }
 
@@ -498,10 +519,10 @@ mod tests {
             verdicts(&s),
             vec![
                 ("a".into(), Found::Config, Verdict::Ok, true),
-                ("b".into(), Found::Config, Verdict::NeverCaptured, false),
+                ("b".into(), Found::Config, Verdict::NoStateYet, false),
                 ("t".into(), Found::Status, Verdict::NeverCaptured, false),
             ],
-            "a stopped VM is never stale: {:?}",
+            "a stopped VM is never stale; one never started has nothing to keep: {:?}",
             s.problems
         );
         let a = &s.vms[0];
@@ -551,7 +572,7 @@ mod tests {
                 vms: 3,
                 protected: 0,
                 stale: 0,
-                never_captured: 2,
+                never_captured: 1,
                 failing: 1,
                 secret_problems: 0
             }

@@ -101,6 +101,10 @@ pub struct Newest {
     /// Read from the running VM (`capture`), not at a stop.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub live: bool,
+    /// The VM's state when it was read: `shutoff`, `running`, `paused`
+    /// (absent before 0.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_state: Option<String>,
 }
 
 /// One row of `list`.
@@ -119,6 +123,8 @@ pub struct VmSummary {
     pub protected: bool,
     /// Corrupt states found at `prepare`, kept as evidence (see `show`).
     pub evidence: usize,
+    /// The remembered failed capture, until a good one clears it.
+    pub failure: Option<crate::failure::Remembered>,
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -169,7 +175,9 @@ pub fn summary(cfg: &Config, vm: &VmStore, uuid: &str) -> Result<VmSummary> {
             reason: m.reason,
             host: m.host,
             live: m.live,
+            vm_state: m.vm_state,
         }),
+        failure: Uuid::new(uuid).and_then(|u| crate::failure::read(cfg, &u)),
         name,
     })
 }

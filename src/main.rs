@@ -60,7 +60,7 @@ fn dispatch(cmd: Command, source: &Source) -> Result<i32> {
             Ok(0)
         }
         Command::Hook(h) => Ok(hook::run(&h, source, &mut std::io::stdin().lock())),
-        Command::Check => commands::check::run(source, &mut out()),
+        Command::Check { json } => commands::check::run(source, json, &mut out()),
         Command::List { json } => commands::list::run(&cfg()?, json, &mut out()),
         Command::Show { vm, json, xml } => commands::show::run(&cfg()?, &vm, json, xml, &mut out()),
         Command::Verify { vms } => commands::verify::run(&cfg()?, &vms, &mut out()),

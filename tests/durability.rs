@@ -533,6 +533,9 @@ const WRITERS: [Writer; 8] = [
                 UUID_TRANS,
                 &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
             );
+            // The Host's libvirt_run_dir. Its run_dir is under a parent of
+            // its own (Host::run_dir), as /run/swtpm-keeper is: the store's
+            // syncs of the host root cover nothing of it.
             let run = h.root.join("run-libvirt");
             std::fs::create_dir_all(&run).unwrap();
             let me = std::process::id();
@@ -542,12 +545,6 @@ const WRITERS: [Writer; 8] = [
             );
             std::fs::write(run.join("tpmtrans.xml"), status).unwrap();
             std::fs::write(run.join("tpmtrans.pid"), me.to_string()).unwrap();
-            // run_dir is under a parent of its own (Host::run_dir), as
-            // /run/swtpm-keeper is: the store's syncs of the host root
-            // cover nothing of it.
-            let mut conf = std::fs::read_to_string(&h.conf).unwrap();
-            conf.push_str(&format!("libvirt_run_dir = {run:?}\n"));
-            std::fs::write(&h.conf, conf).unwrap();
             (["capture", "--all"].map(String::from).to_vec(), Vec::new())
         },
         done: |h| assert_eq!(h.generations(UUID_TRANS).len(), 1),

@@ -413,28 +413,34 @@ fn every_vm_is_tried_and_any_failure_exits_1() {
 }
 
 #[test]
-fn check_warns_of_a_running_vm_never_captured_or_captured_too_long_ago() {
-    let h = live_host("live-check", "capture_interval = 60\n");
+fn check_fixes_a_running_vm_never_captured_and_warns_of_one_captured_too_long_ago() {
+    let h = live_host("live-check", "max_capture_age = 4200\n");
     let _swtpm = running_trans(&h, &fixture("tpm2-00.permall.plain"));
     let text = stdout(&h.run(&["check"], b""));
     assert!(
         text.contains(
-            "warn VM tpmtrans runs and its TPM was never captured: swtpm-keeper capture tpmtrans"
+            "FIX  VM tpmtrans runs and its TPM was never captured: swtpm-keeper capture tpmtrans"
         ),
         "{text}"
     );
     assert_ok(&h.run(&["capture", "--all"], b""));
     let text = stdout(&h.run(&["check"], b""));
     assert!(!text.contains("VM tpmtrans runs"), "fresh: {text}");
-    // Four intervals old: stale.
+    // Five hours old, more than max_capture_age: stale. (The pass's own
+    // record of having found it unchanged would count as newer: gone.)
     let g = h.generations(UUID_TRANS).pop().unwrap();
     let p = h.vm_store(UUID_TRANS).join(&g).join("manifest.json");
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-    m["time_unix"] = (m["time_unix"].as_i64().unwrap() - 240).into();
+    m["time_unix"] = (m["time_unix"].as_i64().unwrap() - 5 * 3600).into();
     std::fs::write(&p, serde_json::to_vec(&m).unwrap()).unwrap();
+    let seen = h
+        .root
+        .join("run-keeper/seen")
+        .join(format!("{UUID_TRANS}.json"));
+    std::fs::remove_file(seen).unwrap();
     let text = stdout(&h.run(&["check"], b""));
     assert!(
-        text.contains("warn VM tpmtrans runs and its newest capture is 4 min old"),
+        text.contains("warn VM tpmtrans runs and its newest capture is 5 h old"),
         "{text}"
     );
 }

@@ -9,21 +9,10 @@ mod common;
 use common::*;
 use std::path::PathBuf;
 
-/// A host whose libvirt run and secrets directories are its own (empty),
-/// so that nothing of the machine running the tests shows up.
+/// A fixture host: its libvirt run and secrets directories are its own
+/// (the Host's configuration), so nothing of the machine shows up.
 fn host(test: &str) -> Host {
-    let h = Host::new(test);
-    for d in ["run-libvirt", "secrets"] {
-        std::fs::create_dir_all(h.root.join(d)).unwrap();
-    }
-    let mut conf = std::fs::read_to_string(&h.conf).unwrap();
-    conf.push_str(&format!(
-        "libvirt_run_dir = {:?}\nlibvirt_secrets_dir = {:?}\n",
-        h.root.join("run-libvirt"),
-        h.root.join("secrets")
-    ));
-    std::fs::write(&h.conf, conf).unwrap();
-    h
+    Host::new(test)
 }
 
 /// libvirt defines the transient fixture VM (tpmtrans, a plain TPM 2.0).

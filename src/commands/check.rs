@@ -4,36 +4,32 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use serde::Serialize;
+
 use crate::config::{Config, Source};
+use crate::coverage::{self, Summary, Survey, Totals, Verdict, VmCoverage};
+use crate::domain::Uuid;
 use crate::error::{Error, Result};
+use crate::failure::Remembered;
+use crate::inventory::JSON_VERSION;
 use crate::logging::sanitize;
 use crate::qemuconf::{self, QemuConf};
-use crate::running;
-use crate::store::Store;
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
 enum Level {
     Ok,
     Warn,
     Fix,
 }
 
-struct Report<'a> {
-    out: &'a mut dyn Write,
-    fixes: usize,
-}
-
-impl Report<'_> {
-    fn line(&mut self, level: Level, msg: String) {
-        let tag = match level {
+impl Level {
+    fn tag(&self) -> &'static str {
+        match self {
             Level::Ok => "ok  ",
             Level::Warn => "warn",
-            Level::Fix => {
-                self.fixes += 1;
-                "FIX "
-            }
-        };
-        let _ = writeln!(self.out, "{tag} {msg}");
+            Level::Fix => "FIX ",
+        }
     }
 }
 
@@ -132,9 +128,73 @@ fn daemon_state(
     }
 }
 
-/// Hook files libvirt would run that lead to `exe`, or to the qemu-chain
-/// script installed beside it (libvirt < 6.5 with a hook of its own).
-fn installed_hooks(hooks_dir: &Path, exe: &Path) -> Vec<PathBuf> {
+/// This program's version, embedded where a reader of the binary finds
+/// it: `check` judges a hook installed as a copy by it, never by running
+/// an unknown file as root.
+static VERSION_MARK: &[u8] =
+    concat!("\0swtpm-keeper-version=", env!("CARGO_PKG_VERSION"), "\0").as_bytes();
+/// The marker's fixed part: the version follows, up to a NUL.
+const MARK_PREFIX: &[u8] = b"\0swtpm-keeper-version=";
+/// A string every swtpm-keeper binary holds, also those from before the
+/// marker (0.1): the configuration's environment variable.
+const ANY_KEEPER: &[u8] = b"SWTPM_KEEPER_CONFIG";
+/// Larger files are not read for a version (the binary is a few MiB).
+const MAX_HOOK_READ: u64 = 256 << 20;
+
+/// What a hook file libvirt runs is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HookKind {
+    /// It leads to this program (or to qemu-chain beside it).
+    Link,
+    /// A swtpm-keeper binary of its own, with the version it names (None:
+    /// one from before versions were embedded).
+    Copy(Option<String>),
+}
+
+/// The version a swtpm-keeper binary names, read from its bytes. None:
+/// not a swtpm-keeper; Some(None): one that names no version.
+fn embedded_version(path: &Path) -> Option<Option<String>> {
+    let md = std::fs::metadata(path).ok()?;
+    if !md.is_file() || md.len() > MAX_HOOK_READ {
+        return None;
+    }
+    let bytes = std::fs::read(path).ok()?;
+    if !bytes.starts_with(b"\x7fELF") {
+        return None;
+    }
+    let found = bytes
+        .windows(MARK_PREFIX.len())
+        .enumerate()
+        .filter(|(_, w)| *w == MARK_PREFIX)
+        .find_map(|(i, _)| {
+            let rest = &bytes[i + MARK_PREFIX.len()..];
+            let end = rest.iter().take(64).position(|&b| b == 0)?;
+            let v = std::str::from_utf8(&rest[..end]).ok()?;
+            let plausible = !v.is_empty()
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b));
+            plausible.then(|| v.to_owned())
+        });
+    match found {
+        Some(v) => Some(Some(v)),
+        None => bytes
+            .windows(ANY_KEEPER.len())
+            .any(|w| w == ANY_KEEPER)
+            .then_some(None),
+    }
+}
+
+/// This program's version, as the marker holds it.
+fn own_version() -> &'static str {
+    // Through black_box: the marker stays in the binary as a whole.
+    let mark = std::hint::black_box(VERSION_MARK);
+    std::str::from_utf8(&mark[MARK_PREFIX.len()..mark.len() - 1]).unwrap_or("?")
+}
+
+/// Hook files libvirt would run that are this program: links to `exe`
+/// (or to the qemu-chain script installed beside it, for libvirt < 6.5
+/// with a hook of its own), and swtpm-keeper binaries copied there.
+fn installed_hooks(hooks_dir: &Path, exe: &Path) -> Vec<(PathBuf, HookKind)> {
     let mut candidates = vec![hooks_dir.join("qemu")];
     if let Ok(rd) = std::fs::read_dir(hooks_dir.join("qemu.d")) {
         let mut v: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
@@ -143,10 +203,15 @@ fn installed_hooks(hooks_dir: &Path, exe: &Path) -> Vec<PathBuf> {
     }
     candidates
         .into_iter()
-        .filter(|p| {
-            std::fs::canonicalize(p)
+        .filter_map(|p| {
+            let linked = std::fs::canonicalize(&p)
                 .map(|c| c == exe || c == exe.with_file_name("qemu-chain"))
-                .unwrap_or(false)
+                .unwrap_or(false);
+            if linked {
+                return Some((p, HookKind::Link));
+            }
+            let kind = HookKind::Copy(embedded_version(&p)?);
+            Some((p, kind))
         })
         .collect()
 }
@@ -179,8 +244,8 @@ fn check_config(source: &Source) -> Result<(Config, Finding)> {
     })
 }
 
-/// The hook files libvirt runs that lead to `exe`, each executable or not,
-/// and the newest time one of them was installed.
+/// The hook files libvirt runs that are this program, each executable
+/// or not, and the newest time one of them was installed.
 fn check_hooks(hooks_dir: &Path, exe: &Path) -> (Vec<Finding>, Option<i64>) {
     let hooks = installed_hooks(hooks_dir, exe);
     if hooks.is_empty() {
@@ -195,15 +260,12 @@ fn check_hooks(hooks_dir: &Path, exe: &Path) -> (Vec<Finding>, Option<i64>) {
     }
     let mut found = Vec::new();
     let mut hook_time = 0;
-    for h in &hooks {
+    for (h, kind) in &hooks {
         let exec = std::fs::metadata(h)
             .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
             .unwrap_or(false);
         found.push(if exec {
-            (
-                Level::Ok,
-                format!("hook {} runs {}", h.display(), exe.display()),
-            )
+            hook_finding(h, kind, exe)
         } else {
             let fix = format!("chmod 0755 {}", exe.display());
             let line = format!("hook {} is not an executable file: {fix}", h.display());
@@ -213,6 +275,39 @@ fn check_hooks(hooks_dir: &Path, exe: &Path) -> (Vec<Finding>, Option<i64>) {
         hook_time = hook_time.max(installed);
     }
     (found, Some(hook_time))
+}
+
+/// An executable hook: a link to this program, or a copy of it (of which
+/// version).
+fn hook_finding(h: &Path, kind: &HookKind, exe: &Path) -> Finding {
+    let ours = own_version();
+    let reinstall = format!("install -m 0755 {} {}", exe.display(), h.display());
+    match kind {
+        HookKind::Link => (
+            Level::Ok,
+            format!("hook {} runs {}", h.display(), exe.display()),
+        ),
+        HookKind::Copy(Some(v)) if v == ours => (
+            Level::Ok,
+            format!("hook {} is swtpm-keeper {v}, as this command", h.display()),
+        ),
+        HookKind::Copy(Some(v)) => (
+            Level::Warn,
+            format!(
+                "hook {} is swtpm-keeper {v}, this command is {ours}: libvirt runs the other \
+                 version; to run this one: {reinstall}",
+                h.display()
+            ),
+        ),
+        HookKind::Copy(None) => (
+            Level::Warn,
+            format!(
+                "hook {} is a swtpm-keeper that names no version (older than this command, \
+                 {ours}); to run this one: {reinstall}",
+                h.display()
+            ),
+        ),
+    }
 }
 
 /// Does each running daemon run the hook? libvirt reads its hook list at
@@ -346,44 +441,154 @@ fn check_schedule() -> Finding {
     schedule_finding(systemd, timer, cron)
 }
 
-/// Running VMs with an emulator TPM whose newest capture is older than
-/// three capture intervals (or that were never captured).
-fn check_freshness(cfg: &Config, now: i64) -> Vec<Finding> {
-    let stale_after = 3 * cfg.capture_interval as i64;
-    let store = Store::new(&cfg.store_dir);
-    let mut found = Vec::new();
-    for name in running::names(&cfg.libvirt_run_dir).unwrap_or_default() {
-        let Ok(Some(vm)) = running::read(&cfg.libvirt_run_dir, &name) else {
-            continue;
-        };
-        if vm.domain.tpm.is_none() || vm.status.incoming() {
-            continue;
-        }
-        let newest = store
-            .read_vm(&vm.domain.uuid, cfg.lock_timeout())
-            .ok()
-            .and_then(|v| {
-                v.generations()
-                    .ok()?
-                    .last()
-                    .and_then(|g| v.read_manifest(g).ok())
-            });
-        let fix = format!("swtpm-keeper capture {}", sanitize(&name));
-        match newest {
-            None => found.push((Level::Warn, format!("VM {} runs and its TPM was never captured: {fix}", sanitize(&name)))),
-            Some(m) if now - m.time_unix > stale_after => found.push((
+/// "4 min", "3 h", "2 days": how long ago, for people.
+fn age(secs: i64) -> String {
+    let secs = secs.max(0);
+    if secs < 2 * 3600 {
+        format!("{} min", secs / 60)
+    } else if secs < 2 * 86_400 {
+        format!("{} h", secs / 3600)
+    } else {
+        format!("{} days", secs / 86_400)
+    }
+}
+
+/// One line per VM, or more when several things are wrong: see
+/// `coverage` for how each is told.
+fn vm_findings(cfg: &Config, vm: &VmCoverage, now: i64) -> Vec<Finding> {
+    let name = sanitize(&vm.name);
+    let capture = format!("swtpm-keeper capture {name}");
+    let mut v = Vec::new();
+    if let Some(e) = &vm.store_error {
+        v.push((
+            Level::Fix,
+            format!("VM {name}: cannot read its part of the store: {e}"),
+        ));
+    }
+    if let Some(f) = &vm.failure {
+        v.push((Level::Fix, failure_line(vm, &name, f, &capture)));
+    }
+    if let (Some(s), Some(false)) = (&vm.secret, vm.secret_defined) {
+        v.push((
+            Level::Fix,
+            format!(
+                "VM {name} names <encryption secret='{s}'/>, which libvirt does not define \
+                 ({} is missing): the VM cannot start, and its TPM state opens only with that \
+                 secret's value; define it again under UUID {s} with its old value \
+                 (virsh secret-define, virsh secret-set-value)",
+                cfg.libvirt_secrets_dir.join(format!("{s}.xml")).display()
+            ),
+        ));
+    }
+    if let (Some(old), Some(n)) = (vm.changed_secret(), &vm.newest) {
+        v.push((
+            Level::Fix,
+            secret_changed_line(vm, &name, old, &n.generation),
+        ));
+    }
+    match &vm.newest {
+        None if vm.verdict == Verdict::NoStateYet => v.push((
+            Level::Ok,
+            format!("VM {name} has no TPM state yet (it never started): nothing to keep"),
+        )),
+        None if vm.running() => v.push((
+            Level::Fix,
+            format!("VM {name} runs and its TPM was never captured: {capture}"),
+        )),
+        None => v.push((
+            Level::Fix,
+            format!("VM {name} has an emulator TPM that was never captured: {capture}"),
+        )),
+        Some(n) if vm.verdict == Verdict::Stale => {
+            let since = now - vm.confirmed_unix.unwrap_or(n.time_unix);
+            v.push((
                 Level::Warn,
                 format!(
-                    "VM {} runs and its newest capture is {} min old (more than 3 × capture_interval): \
-                     is the capture timer running? {fix}",
-                    sanitize(&name),
-                    (now - m.time_unix) / 60
+                    "VM {name} runs and its newest capture is {} old (more than max_capture_age, \
+                     {}): is the capture timer running? {capture}",
+                    age(since),
+                    age(cfg.max_capture_age as i64)
                 ),
-            )),
-            Some(_) => {}
+            ));
+        }
+        Some(n) if v.is_empty() => {
+            let confirmed = match vm.confirmed_unix {
+                Some(t) if t > n.time_unix + 60 => {
+                    format!(", found unchanged {} ago", age(now - t))
+                }
+                _ => String::new(),
+            };
+            v.push((
+                Level::Ok,
+                format!(
+                    "VM {name}: newest capture {}, {} old{confirmed}",
+                    n.generation,
+                    age(now - n.time_unix)
+                ),
+            ));
+        }
+        Some(_) => {}
+    }
+    v
+}
+
+fn failure_line(vm: &VmCoverage, name: &str, f: &Remembered, capture: &str) -> String {
+    let held = match &vm.newest {
+        Some(n) => format!("generation {} (captured {})", n.generation, n.time),
+        None => "nothing for it".into(),
+    };
+    match f {
+        Remembered::Failed(_) => format!(
+            "VM {name}: its last capture failed ({}); the store still holds {held}. \
+             Fix the cause, then `{capture}`: a good capture clears this",
+            f.describe()
+        ),
+        Remembered::Damaged { path, error } => format!(
+            "VM {name}: a capture failed, and its record cannot be read ({path}: {error}); \
+             the store holds {held}; `{capture}` clears it once a capture succeeds"
+        ),
+    }
+}
+
+fn secret_changed_line(vm: &VmCoverage, name: &str, old: &str, generation: &str) -> String {
+    let now = match &vm.secret {
+        Some(s) => format!("secret {s}"),
+        None => "no secret".into(),
+    };
+    let forced = match &vm.secret {
+        Some(s) => format!("if {s} holds the same value (imported again under a new UUID), "),
+        None => String::new(),
+    };
+    format!(
+        "VM {name}: its newest generation {generation} was captured under secret {old}, but the \
+         domain names {now} now: a restore refuses that state. Two ways out: define the old \
+         secret {old} again (with its value) and name it in the domain; or, {forced}\
+         `swtpm-keeper restore {name} --force`"
+    )
+}
+
+/// Every VM's findings, then what could not be read, with the VM's UUID.
+fn check_vms(cfg: &Config, survey: &Survey, now: i64) -> Vec<(Option<Uuid>, Finding)> {
+    let mut out = Vec::new();
+    for vm in &survey.vms {
+        for f in vm_findings(cfg, vm, now) {
+            out.push((Some(vm.uuid.clone()), f));
         }
     }
-    found
+    for p in &survey.problems {
+        out.push((
+            None,
+            (Level::Warn, format!("{p}: VMs in it are not covered")),
+        ));
+    }
+    out
+}
+
+fn summary_line(s: &Summary) -> String {
+    format!(
+        "VMs with a TPM: {}, protected {}, stale {}, never captured {}, failing {}, secret problems {}",
+        s.vms, s.protected, s.stale, s.never_captured, s.failing, s.secret_problems
+    )
 }
 
 /// The owners restored files will get, from qemu.conf.
@@ -413,8 +618,9 @@ fn check_owners(qemu_conf: &Path) -> Vec<Finding> {
     .collect()
 }
 
-pub fn run(source: &Source, out: &mut dyn Write) -> Result<i32> {
-    let mut r = Report { out, fixes: 0 };
+/// Every host-wide finding: configuration, hook, daemons, store, syslog,
+/// owners, schedule. Also returns the configuration the VMs are judged by.
+fn host_findings(source: &Source) -> Result<(Config, Vec<Finding>)> {
     let (cfg, config_line) = check_config(source)?;
     let mut findings = vec![config_line];
     if !nix::unistd::geteuid().is_root() {
@@ -432,16 +638,65 @@ pub fn run(source: &Source, out: &mut dyn Write) -> Result<i32> {
     findings.push(check_syslog(&cfg.syslog_socket));
     findings.extend(check_owners(&cfg.qemu_conf));
     findings.push(check_schedule());
+    Ok((cfg, findings))
+}
+
+/// `check --json`: the same findings, and the survey they come from.
+#[derive(Serialize)]
+struct CheckJson<'a> {
+    version: u32,
+    findings: Vec<FindingJson<'a>>,
+    fixes: usize,
+    summary: Summary,
+    store: &'a Totals,
+    vms: &'a [VmCoverage],
+}
+
+#[derive(Serialize)]
+struct FindingJson<'a> {
+    level: &'a Level,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uuid: Option<&'a Uuid>,
+}
+
+pub fn run(source: &Source, json: bool, out: &mut dyn Write) -> Result<i32> {
+    let (cfg, host) = host_findings(source)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    findings.extend(check_freshness(&cfg, now));
-    for (level, line) in findings {
-        r.line(level, line);
+    let survey = coverage::survey(&cfg, now);
+    let mut findings: Vec<(Option<Uuid>, Finding)> = host.into_iter().map(|f| (None, f)).collect();
+    findings.extend(check_vms(&cfg, &survey, now));
+    let fixes = findings.iter().filter(|(_, f)| f.0 == Level::Fix).count();
+    let w = |e: std::io::Error| Error::failed(format!("cannot write the output: {e}"));
+    if json {
+        let doc = CheckJson {
+            version: JSON_VERSION,
+            findings: findings
+                .iter()
+                .map(|(uuid, (level, message))| FindingJson {
+                    level,
+                    message,
+                    uuid: uuid.as_ref(),
+                })
+                .collect(),
+            fixes,
+            summary: survey.summary(),
+            store: &survey.store,
+            vms: &survey.vms,
+        };
+        serde_json::to_writer_pretty(&mut *out, &doc).map_err(|e| Error::failed(e.to_string()))?;
+        writeln!(out).map_err(w)?;
+    } else {
+        for (_, (level, line)) in &findings {
+            writeln!(out, "{} {line}", level.tag()).map_err(w)?;
+        }
+        writeln!(out, "{}", summary_line(&survey.summary())).map_err(w)?;
+        writeln!(out, "{fixes} to fix").map_err(w)?;
     }
-    let _ = writeln!(r.out, "{} to fix", r.fixes);
-    let _ = r.out.flush().map_err(|e| Error::failed(e.to_string()));
-    Ok(if r.fixes > 0 { 1 } else { 0 })
+    out.flush().map_err(w)?;
+    Ok(if fixes > 0 { 1 } else { 0 })
 }
 
 #[cfg(test)]
@@ -512,8 +767,40 @@ mod tests {
         std::os::unix::fs::symlink(&exe, hooks.join("qemu.d/swtpm-keeper")).unwrap();
         assert_eq!(
             installed_hooks(&hooks, &exe),
-            vec![hooks.join("qemu"), hooks.join("qemu.d/swtpm-keeper")]
+            vec![
+                (hooks.join("qemu"), HookKind::Link),
+                (hooks.join("qemu.d/swtpm-keeper"), HookKind::Link)
+            ]
         );
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn a_copy_is_known_by_the_version_it_embeds_and_other_files_are_not_hooks() {
+        let t = std::env::temp_dir().join(format!("swk-check-ver-{}", std::process::id()));
+        std::fs::create_dir_all(&t).unwrap();
+        let f = t.join("f");
+        let with = |bytes: &[u8]| {
+            std::fs::write(&f, bytes).unwrap();
+            embedded_version(&f)
+        };
+        assert_eq!(
+            with(b"\x7fELF..\0swtpm-keeper-version=1.2.3-rc1\0.."),
+            Some(Some("1.2.3-rc1".into()))
+        );
+        // A prefix not followed by a version (the bare prefix constant).
+        assert_eq!(
+            with(b"\x7fELF\0swtpm-keeper-version=\0 SWTPM_KEEPER_CONFIG"),
+            Some(None)
+        );
+        assert_eq!(with(b"\x7fELF\0swtpm-keeper-version=a b\0"), None);
+        assert_eq!(
+            with(b"#!/bin/sh\n# SWTPM_KEEPER_CONFIG\n"),
+            None,
+            "not a binary"
+        );
+        assert_eq!(with(b"\x7fELF other program"), None);
+        assert_eq!(own_version(), env!("CARGO_PKG_VERSION"));
         std::fs::remove_dir_all(&t).unwrap();
     }
 

@@ -47,13 +47,23 @@ pub fn run(cfg: &Config, json: bool, out: &mut dyn Write) -> Result<i32> {
         writeln!(out, "The store {} holds no VM.", store.root().display()).map_err(w)?;
     } else {
         out.write_all(table(&vms).as_bytes()).map_err(w)?;
+        for v in vms.iter() {
+            if let Some(f) = &v.failure {
+                let line = format!(
+                    "{}: last capture FAILED: {}",
+                    sanitize(&v.name),
+                    f.describe()
+                );
+                writeln!(out, "{line}").map_err(w)?;
+            }
+        }
     }
     Ok(if problems > 0 { 1 } else { 0 })
 }
 
 /// One row per VM, columns padded to their widest cell.
 fn table(vms: &[VmSummary]) -> String {
-    let rows: Vec<[String; 8]> = vms
+    let rows: Vec<[String; 9]> = vms
         .iter()
         .map(|v| {
             let mut flags = Vec::new();
@@ -65,6 +75,7 @@ fn table(vms: &[VmSummary]) -> String {
                 (v.protected, "protected"),
                 (v.evidence > 0, "corrupt-evidence"),
                 (v.newest.as_ref().is_some_and(|n| n.live), "live"),
+                (v.failure.is_some(), "capture-failed"),
             ] {
                 if on {
                     flags.push(f);
@@ -72,7 +83,9 @@ fn table(vms: &[VmSummary]) -> String {
             }
             // HOST: where the newest was taken (on a shared store, the
             // host the VM last stopped on).
-            let (time, event, host) = match &v.newest {
+            // STATE: the VM's when its newest generation was read
+            // (`-` before 0.2, which did not record it).
+            let (time, event, state, host) = match &v.newest {
                 Some(n) => (
                     n.time.clone(),
                     if n.reason == "-" {
@@ -80,9 +93,10 @@ fn table(vms: &[VmSummary]) -> String {
                     } else {
                         format!("{} ({})", n.event, n.reason)
                     },
+                    n.vm_state.clone().unwrap_or_else(|| "-".into()),
                     sanitize(&n.host),
                 ),
-                None => ("-".into(), "-".into(), "-".into()),
+                None => ("-".into(), "-".into(), "-".into(), "-".into()),
             };
             [
                 sanitize(&v.name),
@@ -90,6 +104,7 @@ fn table(vms: &[VmSummary]) -> String {
                 v.generations.to_string(),
                 time,
                 event,
+                state,
                 host,
                 human_bytes(v.total_bytes),
                 flags.join(","),
@@ -97,7 +112,7 @@ fn table(vms: &[VmSummary]) -> String {
         })
         .collect();
     let head = [
-        "NAME", "UUID", "GENS", "NEWEST", "EVENT", "HOST", "SIZE", "FLAGS",
+        "NAME", "UUID", "GENS", "NEWEST", "EVENT", "STATE", "HOST", "SIZE", "FLAGS",
     ];
     let mut width = head.map(|h| h.chars().count());
     for r in &rows {

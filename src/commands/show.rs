@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::domain::Uuid;
 use crate::error::{Error, Result};
+use crate::failure::{self, Remembered};
 use crate::inventory::{self, human_bytes, JSON_VERSION};
 use crate::logging::sanitize;
 use crate::manifest::{self, Manifest};
@@ -21,6 +22,8 @@ struct ShowJson {
     defined: bool,
     migrated_away: Option<String>,
     store_dir: String,
+    /// The remembered failed capture, until a good one clears it.
+    failure: Option<Remembered>,
     /// Newest first.
     generations: Vec<GenerationJson>,
     /// Corrupt states found at `prepare` and kept, never restored; newest
@@ -107,6 +110,7 @@ pub fn run(
             }
         })
         .collect();
+    let failure = failure::read(cfg, &uuid);
     let doc = ShowJson {
         version: JSON_VERSION,
         defined: inventory::libvirt_definition(cfg, &name, &uuid).is_some(),
@@ -114,6 +118,7 @@ pub fn run(
         name,
         migrated_away: inventory::migrated_away(&vm, gens.last().map(String::as_str)),
         store_dir: vm.dir().display().to_string(),
+        failure,
         generations: list,
         evidence,
     };
@@ -160,6 +165,13 @@ fn render(doc: &ShowJson, protection_error: Option<&str>) -> String {
     s.push_str(&format!("  store: {}\n", doc.store_dir));
     if let Some(g) = &doc.migrated_away {
         s.push_str(&format!("  MIGRATED AWAY at generation {g}: the hook will not restore it (restore --force overrides)\n"));
+    }
+    if let Some(f) = &doc.failure {
+        s.push_str(&format!(
+            "  Last capture FAILED: {}; a good capture clears this: swtpm-keeper capture {}\n",
+            f.describe(),
+            doc.uuid
+        ));
     }
     if let Some(e) = protection_error {
         s.push_str(&format!("  PROTECTION RECORD UNREADABLE: {e}\n"));

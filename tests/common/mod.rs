@@ -64,11 +64,18 @@ impl Host {
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let qemu_conf = h.root.join("host-qemu.conf");
         std::fs::write(&qemu_conf, format!("user = \"+{uid}\"\ngroup = \"+{gid}\"\nswtpm_user = \"+{uid}\"\nswtpm_group = \"+{gid}\"\n")).unwrap();
-        // The textfile dir is not made: no metrics file unless a test
-        // makes it (never node_exporter's on the machine running the tests).
         let base = format!(
-            "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\nqemu_conf = {:?}\nrun_dir = {:?}\nprometheus_textfile_dir = {:?}\n",
-            h.store, h.swtpm, h.etc_qemu, sock, qemu_conf, h.run_dir(), h.textfile_dir()
+            "store_dir = {:?}\nswtpm_dir = {:?}\nlibvirt_config_dir = {:?}\nsyslog_socket = {:?}\nlock_timeout = 1.0\ngenerations = 3\nqemu_conf = {:?}\n",
+            h.store, h.swtpm, h.etc_qemu, sock, qemu_conf
+        );
+        // Every other path the program reads or writes stays in this host
+        // too: the machine may run libvirt (and node_exporter) for real.
+        let base = format!(
+            "{base}run_dir = {:?}\nlibvirt_run_dir = {:?}\nlibvirt_secrets_dir = {:?}\nprometheus_textfile_dir = {:?}\n",
+            h.run_dir(),
+            h.root.join("run-libvirt"),
+            h.root.join("secrets"),
+            h.textfile_dir()
         );
         // A key in `extra` replaces the base's (TOML refuses duplicates).
         let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_owned();
@@ -83,7 +90,8 @@ impl Host {
         h
     }
 
-    /// node_exporter's textfile directory for this host (not made).
+    /// node_exporter's textfile directory for this host (not made: no
+    /// metrics file unless a test makes it).
     pub fn textfile_dir(&self) -> PathBuf {
         self.root.join("textfile")
     }
