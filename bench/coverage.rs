@@ -202,7 +202,10 @@ fn main() {
     let (_, check) = time(&conf, &["check"], &[0, 1]);
     let want = format!("VMs with a TPM: {vms}, protected {vms},");
     let check = String::from_utf8(check).unwrap();
-    assert!(check.contains(&want), "check does not judge every VM:\n{check}");
+    assert!(
+        check.contains(&want),
+        "check does not judge every VM:\n{check}"
+    );
     let (_, list) = time(&conf, &["list"], &[0]);
     assert_eq!(String::from_utf8(list).unwrap().lines().count(), vms + 1);
 

@@ -217,8 +217,8 @@ totals:
   swtpm_keeper_vm_capture_failure_timestamp_seconds
                                                    remembered failure (0: none)
   swtpm_keeper_vm_protected                        1 if `check` finds it safe
-  swtpm_keeper_vm_stale                            1 if it runs and was last
-                                                   confirmed > max_capture_age ago
+  swtpm_keeper_vm_verdict                          1, with `check`'s verdict in
+                                                   a third label (verdict=\"stale\")
   swtpm_keeper_vms                                 VMs with an emulator TPM
   swtpm_keeper_store_vms, swtpm_keeper_store_generations,
   swtpm_keeper_store_bytes                         what the store holds

@@ -59,6 +59,40 @@ fn a_vm_never_captured_has_a_series_with_time_zero_and_is_not_protected() {
     assert_eq!(value(&t, "swtpm_keeper_vms "), 1);
     assert_eq!(value(&t, "swtpm_keeper_store_vms "), 0);
     assert!(t.contains("{vm=\"tpmtrans\",uuid=\"11111111-2222-3333-4444-555555555555\"}"));
+    assert_eq!(verdict(&t, UUID_TRANS), "no-state-yet", "never started");
+    // Once it has a TPM state, the store lacking it is check's FIX.
+    h.put_state(
+        UUID_TRANS,
+        &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
+    );
+    assert_eq!(verdict(&metrics(&h), UUID_TRANS), "never-captured");
+}
+
+/// The `verdict` label of the VM's verdict series (there is one).
+fn verdict(text: &str, uuid: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("swtpm_keeper_vm_verdict{") && l.contains(uuid))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].ends_with("\"} 1"), "{}", lines[0]);
+    let v = lines[0].split(",verdict=\"").nth(1).unwrap();
+    v.trim_end_matches("\"} 1").to_owned()
+}
+
+#[test]
+fn a_vm_whose_encryption_secret_libvirt_lacks_is_not_protected_and_says_why() {
+    let h = host("metrics-secret");
+    std::fs::write(h.etc_qemu.join("efitest.xml"), h.efi_xml()).unwrap();
+    h.put_state(
+        UUID_EFI,
+        &[("tpm2-00.permall", &fixture("tpm2-00.permall.encrypted"))],
+    );
+    assert_ok(&h.hook("efitest", "stopped", "end", "-", &h.efi_xml()));
+    let t = metrics(&h);
+    assert_eq!(vm_value(&t, "swtpm_keeper_vm_generations", UUID_EFI), 1);
+    assert_eq!(vm_value(&t, "swtpm_keeper_vm_protected", UUID_EFI), 0);
+    assert_eq!(verdict(&t, UUID_EFI), "secret-missing");
 }
 
 #[test]
@@ -108,7 +142,7 @@ fn a_captured_vm_shows_its_capture_time_generations_bytes_and_is_protected() {
     assert_eq!(vm_value(&t, "swtpm_keeper_vm_protected", UUID_TRANS), 1);
     let f = "swtpm_keeper_vm_capture_failure_timestamp_seconds";
     assert_eq!(vm_value(&t, f, UUID_TRANS), 0);
-    assert_eq!(vm_value(&t, "swtpm_keeper_vm_stale", UUID_TRANS), 0);
+    assert_eq!(verdict(&t, UUID_TRANS), "ok");
     let written = value(&t, "swtpm_keeper_metrics_timestamp_seconds ");
     assert!(written >= when, "{written}");
 }
@@ -129,6 +163,7 @@ fn a_failed_capture_shows_its_time_until_the_next_good_capture_clears_it() {
     assert!(failed >= before && failed <= now(), "{failed}\n{t}");
     assert_eq!(vm_value(&t, "swtpm_keeper_vm_protected", UUID_TRANS), 0);
     assert_eq!(vm_value(&t, "swtpm_keeper_vm_generations", UUID_TRANS), 1);
+    assert_eq!(verdict(&t, UUID_TRANS), "failing");
 
     let mut changed = good.clone();
     changed[100] ^= 1;
@@ -211,9 +246,11 @@ fn a_vm_name_with_quotes_backslashes_newlines_and_unicode_is_escaped_in_labels()
     let want = "{vm=\"we\\\"ird\\\\vm\\nline two — ünïcødé 🔐\",uuid=\"11111111-2222-3333-4444-555555555555\"}";
     assert_eq!(
         t.matches(want).count(),
-        6,
+        5,
         "{name:?} not escaped as {want} in\n{t}"
     );
+    let labels = want.trim_end_matches('}');
+    assert!(t.contains(&format!("swtpm_keeper_vm_verdict{labels},verdict=\"")));
     for line in t.lines().filter(|l| !l.starts_with('#')) {
         valid_sample(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
     }

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::config::Config;
-use crate::coverage::{self, Verdict, VmCoverage};
+use crate::coverage::{self, VmCoverage};
 use crate::error::{Error, Result};
 use crate::fsutil::{Dir, Rename};
 
@@ -27,9 +27,9 @@ pub struct VmSeries {
     pub failure: Option<i64>,
     /// The survey's verdict: its TPM is safe in the store.
     pub protected: bool,
-    /// It runs and the store last confirmed its state more than
-    /// `max_capture_age` ago (`check` warns).
-    pub stale: bool,
+    /// `check`'s word for the VM (the worst that applies): `ok`,
+    /// `stale`, `never-captured`, `no-state-yet`, `failing`, ...
+    pub verdict: &'static str,
 }
 
 /// Everything one exposition says.
@@ -48,7 +48,7 @@ pub struct Snapshot {
 /// A metric family: name, help text, and its value for a VM.
 type PerVm = (&'static str, &'static str, fn(&VmSeries) -> i64);
 
-const PER_VM: [PerVm; 6] = [
+const PER_VM: [PerVm; 5] = [
     (
         "swtpm_keeper_vm_last_capture_timestamp_seconds",
         "Unix time of the VM's newest good TPM capture (0: never captured).",
@@ -74,12 +74,16 @@ const PER_VM: [PerVm; 6] = [
         "1 if the VM's TPM is safe in the store (captured, no failure, secret present), else 0.",
         |v| i64::from(v.protected),
     ),
-    (
-        "swtpm_keeper_vm_stale",
-        "1 if the VM runs and its state was last confirmed longer ago than max_capture_age, else 0.",
-        |v| i64::from(v.stale),
-    ),
 ];
+
+/// `check`'s verdict as a state set: one series per VM, value 1, the
+/// verdict in a label (alerts select on it; a new verdict needs no new
+/// metric).
+const VERDICT: (&str, &str) = (
+    "swtpm_keeper_vm_verdict",
+    "check's verdict for the VM, in the verdict label (ok, stale, never-captured, \
+     no-state-yet, failing, secret-missing, secret-changed, store-unreadable); always 1.",
+);
 
 /// A label value as the text format wants it: backslash, double quote and
 /// line feed escaped; everything else (Unicode included) as it is.
@@ -122,6 +126,13 @@ pub fn render(s: &Snapshot) -> String {
         for (v, l) in vms.iter().zip(&labels) {
             let _ = writeln!(text, "{name}{l} {}", value(v));
         }
+    }
+    let (name, help) = VERDICT;
+    family(&mut text, name, help);
+    for (v, l) in vms.iter().zip(&labels) {
+        let l = l.trim_end_matches('}');
+        let verdict = escape_label(v.verdict);
+        let _ = writeln!(text, "{name}{l},verdict=\"{verdict}\"}} 1");
     }
     for (name, help, value) in [
         (
@@ -228,7 +239,7 @@ fn series(c: &VmCoverage) -> VmSeries {
         // which means none).
         failure: c.failure.as_ref().map(|f| f.time_unix().unwrap_or(1)),
         protected: c.protected,
-        stale: c.verdict == Verdict::Stale,
+        verdict: c.verdict.as_str(),
     }
 }
 
@@ -273,6 +284,7 @@ mod tests {
         VmSeries {
             name: name.into(),
             uuid: uuid.into(),
+            verdict: "ok",
             ..VmSeries::default()
         }
     }
@@ -295,7 +307,8 @@ mod tests {
             ..Snapshot::default()
         };
         let text = render(&s);
-        for (name, _, _) in PER_VM {
+        let per_vm = PER_VM.iter().map(|f| (f.0, f.1)).chain([VERDICT]);
+        for (name, _) in per_vm {
             assert_eq!(
                 text.matches(&format!("# HELP {name} ")).count(),
                 1,
@@ -359,7 +372,7 @@ mod tests {
                 },
                 VmSeries {
                     protected: true,
-                    stale: true,
+                    verdict: "stale",
                     ..vm("never", "6b6b")
                 },
             ],
@@ -380,8 +393,8 @@ mod tests {
             "swtpm_keeper_vm_capture_failure_timestamp_seconds{vm=\"never\",uuid=\"6b6b\"} 0"
                 .into(),
             "swtpm_keeper_vm_protected{vm=\"never\",uuid=\"6b6b\"} 1".into(),
-            "swtpm_keeper_vm_stale{vm=\"never\",uuid=\"6b6b\"} 1".into(),
-            format!("swtpm_keeper_vm_stale{l} 0"),
+            "swtpm_keeper_vm_verdict{vm=\"never\",uuid=\"6b6b\",verdict=\"stale\"} 1".into(),
+            "swtpm_keeper_vm_verdict{vm=\"win\\\"11\",uuid=\"5a5a\",verdict=\"ok\"} 1".into(),
             "swtpm_keeper_store_vms 4".into(),
             "swtpm_keeper_store_generations 9".into(),
             "swtpm_keeper_store_bytes 1048576".into(),

@@ -148,6 +148,7 @@ check "scrape: swtpm_keeper_vms counts both VMs (at least)" test "$(metric swtpm
 check "scrape: the failure of $A is shown" test "$(metric swtpm_keeper_vm_capture_failure_timestamp_seconds "$UA")" -ge "$START"
 check "scrape: $A is not protected" test "$(metric swtpm_keeper_vm_protected "$UA")" = 0
 check "scrape: $A was never captured" test "$(metric swtpm_keeper_vm_last_capture_timestamp_seconds "$UA")" = 0
+check "scrape: check's verdict for $A is failing" grep -q "^swtpm_keeper_vm_verdict{uuid=\"$UA\",verdict=\"failing\",vm=\"$A\"} 1" "$WORK/scrape"
 check "scrape: the escaped name comes through node_exporter" \
     grep -qF 'swtpm_keeper_vm_protected{uuid="'"$UQ"'",vm="swk-met-\"q\\ü"} 0' "$WORK/scrape"
 check "scrape: the metrics time is now" test "$(metric swtpm_keeper_metrics_timestamp_seconds | awk '{printf "%d", $1}')" -ge "$START"
@@ -165,6 +166,7 @@ check "good capture: the metric shows no failure" test "$(metric swtpm_keeper_vm
 check "good capture: $A is protected" test "$(metric swtpm_keeper_vm_protected "$UA")" = 1
 check "good capture: its newest capture is now" test "$(metric swtpm_keeper_vm_last_capture_timestamp_seconds "$UA")" -ge "$START"
 check "good capture: one generation of it counted" test "$(metric swtpm_keeper_vm_generations "$UA")" = 1
+check "good capture: check's verdict for $A is ok" grep -q "^swtpm_keeper_vm_verdict{uuid=\"$UA\",verdict=\"ok\",vm=\"$A\"} 1" "$WORK/scrape"
 check "scrape: node_textfile_scrape_error still 0" test "$(metric node_textfile_scrape_error)" = 0
 
 echo "metrics: $PASS passed, $FAIL failed in $(($(date +%s) - START)) s"
