@@ -175,6 +175,22 @@ fn a_failed_capture_shows_its_time_until_the_next_good_capture_clears_it() {
     assert_eq!(vm_value(&t, "swtpm_keeper_vm_generations", UUID_TRANS), 2);
 }
 
+#[test]
+fn a_damaged_failure_record_still_shows_a_failure_at_time_1() {
+    let h = host("metrics-damaged");
+    define_tpmtrans(&h);
+    let good = fixture("tpm2-00.permall.plain");
+    h.put_state(UUID_TRANS, &[("tpm2-00.permall", &good)]);
+    assert_ok(&h.stop_transient());
+    let dir = h.run_dir().join("failures");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{UUID_TRANS}.json")), b"{ torn").unwrap();
+    let t = metrics(&h);
+    let f = "swtpm_keeper_vm_capture_failure_timestamp_seconds";
+    assert_eq!(vm_value(&t, f, UUID_TRANS), 1, "0 would say: none\n{t}");
+    assert_eq!(vm_value(&t, "swtpm_keeper_vm_protected", UUID_TRANS), 0);
+}
+
 /// A label value in the text format: `"`, then characters other than `\`
 /// and `"`, or `\\`, `\"`, `\n`; then `"`. Returns the rest after it.
 fn label_value(s: &str) -> Result<&str, String> {
