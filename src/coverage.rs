@@ -33,6 +33,10 @@ pub enum Found {
     Status,
     /// Defined, and running.
     Both,
+    /// Neither: a transient VM that stopped, or one undefined since, whose
+    /// last capture failed (only such VMs are listed; the others count in
+    /// the store's totals alone).
+    Gone,
 }
 
 /// One word per VM, the worst that applies, in this order.
@@ -117,12 +121,16 @@ pub struct VmCoverage {
 
 impl VmCoverage {
     pub fn running(&self) -> bool {
-        self.found != Found::Config
+        matches!(self.found, Found::Status | Found::Both)
     }
 
     /// The secret the newest generation was captured under, when the
     /// domain names another one (or none) now.
     pub fn changed_secret(&self) -> Option<&str> {
+        // Which secret a VM libvirt forgot names is not known.
+        if self.found == Found::Gone {
+            return None;
+        }
         let old = self.newest.as_ref()?.encryption_secret.as_deref()?;
         let now = self.secret.as_deref();
         (now.map(str::to_ascii_lowercase) != Some(old.to_ascii_lowercase())).then_some(old)
@@ -182,6 +190,7 @@ pub fn survey(cfg: &Config, now: i64) -> Survey {
         generations: held.values().map(|h| h.generations).sum(),
         bytes: held.values().map(|h| h.bytes).sum(),
     };
+    let gone = gone_but_failed(cfg, &store, &held, &vms);
     let mut out: Vec<VmCoverage> = vms
         .into_iter()
         .map(|(uuid, lv)| {
@@ -189,11 +198,79 @@ pub fn survey(cfg: &Config, now: i64) -> Survey {
             judge(cfg, now, uuid, lv, h)
         })
         .collect();
+    for (uuid, failure) in gone {
+        let h = held.remove(&uuid).unwrap_or_default();
+        out.push(judge_gone(uuid, h, failure));
+    }
     out.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
     Survey {
         vms: out,
         store: store_totals,
         problems,
+    }
+}
+
+/// VMs libvirt neither defines nor runs whose last capture failed: the
+/// failure must not go unseen because a transient VM is gone once it
+/// stopped.
+fn gone_but_failed(
+    cfg: &Config,
+    store: &Store,
+    held: &BTreeMap<Uuid, Held>,
+    known: &BTreeMap<Uuid, Libvirt>,
+) -> Vec<(Uuid, Remembered)> {
+    let mut uuids = failure::remembered_in_run_dir(cfg);
+    let in_store = held.keys().filter(|u| !known.contains_key(*u));
+    uuids.extend(
+        in_store
+            .filter(|u| store.vm_dir(u).join(failure::MARKER).exists())
+            .cloned(),
+    );
+    uuids.sort();
+    uuids.dedup();
+    uuids
+        .into_iter()
+        .filter(|u| !known.contains_key(u))
+        .filter_map(|u| {
+            let f = failure::read(cfg, &u)?;
+            Some((u, f))
+        })
+        .collect()
+}
+
+/// A VM only its failure record and the store know.
+fn judge_gone(uuid: Uuid, held: Held, failure: Remembered) -> VmCoverage {
+    let name = match (&failure, &held.newest) {
+        (Remembered::Failed(f), _) if !f.name.is_empty() => f.name.clone(),
+        (_, Some((_, m))) => m.name.clone(),
+        _ => String::new(),
+    };
+    VmCoverage {
+        name,
+        uuid,
+        found: Found::Gone,
+        newest: held.newest.map(|(g, m)| newest_of(g, m)),
+        confirmed_unix: None,
+        generations: held.generations,
+        bytes: held.bytes,
+        failure: Some(failure),
+        secret: None,
+        secret_defined: None,
+        store_error: held.error,
+        has_state: false,
+        verdict: Verdict::Failing,
+        protected: false,
+    }
+}
+
+fn newest_of(generation: String, m: Manifest) -> Newest {
+    Newest {
+        generation,
+        time: m.time,
+        time_unix: m.time_unix,
+        live: m.live,
+        vm_state: m.vm_state,
+        encryption_secret: m.tpm.encryption_secret,
     }
 }
 
@@ -221,6 +298,8 @@ fn libvirt_vms(cfg: &Config, problems: &mut Vec<String>) -> BTreeMap<Uuid, Libvi
     });
     for name in names {
         match running::read(&cfg.libvirt_run_dir, &name) {
+            // Its state is still arriving: judged once it runs here.
+            Ok(Some(vm)) if vm.status.incoming() => {}
             Ok(Some(vm)) if vm.domain.tpm.is_some() => {
                 let uuid = vm.domain.uuid.clone();
                 vms.entry(uuid).or_default().status = Some(vm.domain);
@@ -324,14 +403,7 @@ fn judge(cfg: &Config, now: i64, uuid: Uuid, lv: Libvirt, held: Held) -> VmCover
     let secret_defined = secret
         .as_ref()
         .map(|s| cfg.libvirt_secrets_dir.join(format!("{s}.xml")).is_file());
-    let newest = held.newest.map(|(g, m)| Newest {
-        generation: g,
-        time: m.time,
-        time_unix: m.time_unix,
-        live: m.live,
-        vm_state: m.vm_state,
-        encryption_secret: m.tpm.encryption_secret,
-    });
+    let newest = held.newest.map(|(g, m)| newest_of(g, m));
     let confirmed_unix = newest.as_ref().map(|n| {
         let seen = Seen::load(&cfg.run_dir, &uuid).filter(|s| s.generation == n.generation);
         seen.map_or(n.time_unix, |s| s.verified_unix.max(n.time_unix))
@@ -558,12 +630,8 @@ mod tests {
         assert_eq!(s.vms[0].changed_secret(), Some(S1));
 
         // A remembered failure outranks the rest.
-        failure::record(
-            &cfg,
-            &Uuid::new(A).unwrap(),
-            "stopped",
-            "No space left on device",
-        );
+        let a = Domain::parse(xml("a", A, true, Some(S2)).as_bytes()).unwrap();
+        failure::record(&cfg, &a, "stopped", "No space left on device");
         let s = survey(&cfg, 0);
         assert_eq!(s.vms[0].verdict, Verdict::Failing);
         assert_eq!(

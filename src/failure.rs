@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::domain::Uuid;
+use crate::domain::{Domain, Uuid};
 use crate::error::Result;
 use crate::fsutil::{self, Dir, Rename};
 use crate::manifest;
@@ -43,6 +43,9 @@ pub struct Failure {
     pub time: String,
     pub time_unix: i64,
     pub host: String,
+    /// The VM's name then: libvirt forgets a transient VM once it stops.
+    #[serde(default)]
+    pub name: String,
     /// `stopped`, `release` (the hook) or `capture` (the command).
     pub event: String,
     pub reason: String,
@@ -66,13 +69,15 @@ impl Remembered {
             Remembered::Failed(f) => format!(
                 "{} at {} on {}: {}",
                 f.time,
-                f.event,
-                f.host,
+                crate::logging::sanitize(&f.event),
+                crate::logging::sanitize(&f.host),
                 crate::logging::sanitize(&f.reason)
             ),
-            Remembered::Damaged { path, error } => {
-                format!("a damaged failure record {path}: {error}")
-            }
+            Remembered::Damaged { path, error } => format!(
+                "a damaged failure record {}: {}",
+                crate::logging::sanitize(path),
+                crate::logging::sanitize(error)
+            ),
         }
     }
 
@@ -89,20 +94,21 @@ fn failures_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("failures")
 }
 
-fn run_record_path(cfg: &Config, uuid: &Uuid) -> PathBuf {
+/// The run_dir copy of the record for `uuid`.
+pub fn run_record_path(cfg: &Config, uuid: &Uuid) -> PathBuf {
     failures_dir(&cfg.run_dir).join(format!("{uuid}.json"))
 }
 
-/// `reason` cut to `MAX_REASON` bytes at a character boundary.
-fn bounded(reason: &str) -> String {
-    if reason.len() <= MAX_REASON {
-        return reason.to_owned();
+/// `text` cut to `max` bytes at a character boundary, marked with `…`.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
     }
-    let mut end = MAX_REASON - "…".len();
-    while !reason.is_char_boundary(end) {
+    let mut end = max.saturating_sub("…".len());
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &reason[..end])
+    format!("{}…", &text[..end])
 }
 
 fn now() -> i64 {
@@ -112,15 +118,23 @@ fn now() -> i64 {
 }
 
 impl Failure {
-    pub fn new(event: &str, reason: &str, time_unix: i64) -> Failure {
-        Failure {
+    pub fn new(name: &str, event: &str, reason: &str, time_unix: i64) -> Failure {
+        let mut f = Failure {
             format: FORMAT,
             time: manifest::rfc3339(time_unix),
             time_unix,
-            host: users::host_name(),
-            event: event.to_owned(),
-            reason: bounded(reason),
+            host: bounded(&users::host_name(), 256),
+            name: bounded(name, MAX_REASON),
+            event: bounded(event, 64),
+            reason: bounded(reason, MAX_REASON),
+        };
+        // Control characters take six bytes each in JSON: cut further
+        // until the whole record fits.
+        while f.to_json().len() as u64 >= MAX_RECORD {
+            f.reason = bounded(&f.reason, f.reason.len() / 2);
+            f.name = bounded(&f.name, f.name.len().min(256));
         }
+        f
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -130,10 +144,11 @@ impl Failure {
     }
 }
 
-/// Remember that capturing `uuid` failed at `event` for `reason`, in
-/// both places. Logs what it could not write; never fails.
-pub fn record(cfg: &Config, uuid: &Uuid, event: &str, reason: &str) {
-    let bytes = Failure::new(event, reason, now()).to_json();
+/// Remember that capturing `vm` failed at `event` for `reason`, in both
+/// places. Logs what it could not write; never fails.
+pub fn record(cfg: &Config, vm: &Domain, event: &str, reason: &str) {
+    let uuid = &vm.uuid;
+    let bytes = Failure::new(&vm.name, event, reason, now()).to_json();
     if let Err(e) = write_run_record(&cfg.run_dir, uuid, &bytes) {
         log::warn!("uuid={uuid}: cannot remember the failed capture in run_dir: {e}");
     }
@@ -192,13 +207,24 @@ pub fn clear(cfg: &Config, uuid: &Uuid) {
 /// After a capture: remember its failure, or forget an earlier one when
 /// it kept the state (stored, or unchanged). No state to capture leaves
 /// the record as it is.
-pub fn settle(cfg: &Config, uuid: &Uuid, event: &str, result: &Result<crate::capture::Outcome>) {
+pub fn settle(cfg: &Config, vm: &Domain, event: &str, result: &Result<crate::capture::Outcome>) {
     use crate::capture::Outcome;
     match result {
-        Ok(Outcome::Stored { .. } | Outcome::Unchanged { .. }) => clear(cfg, uuid),
+        Ok(Outcome::Stored { .. } | Outcome::Unchanged { .. }) => clear(cfg, &vm.uuid),
         Ok(Outcome::NoState { .. }) => {}
-        Err(e) => record(cfg, uuid, event, &e.to_string()),
+        Err(e) => record(cfg, vm, event, &e.to_string()),
     }
+}
+
+/// The VMs a failure is remembered for in run_dir (the store's copies are
+/// found beside their generations).
+pub fn remembered_in_run_dir(cfg: &Config) -> Vec<Uuid> {
+    let Ok(rd) = std::fs::read_dir(failures_dir(&cfg.run_dir)) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| Uuid::new(n.strip_suffix(".json")?))
+        .collect()
 }
 
 /// One copy: None when absent, else the record or why it is damaged.
@@ -267,21 +293,34 @@ mod tests {
         Uuid::new(UUID).unwrap()
     }
 
+    fn vm() -> Domain {
+        let xml = format!("<domain type='kvm'><name>vm</name><uuid>{UUID}</uuid></domain>");
+        Domain::parse(xml.as_bytes()).unwrap()
+    }
+
     #[test]
     fn a_long_reason_is_cut_at_a_character_and_the_record_stays_under_4_kib() {
         let long = "é".repeat(5000);
-        let f = Failure::new("stopped", &long, 1);
+        let f = Failure::new("vm", "stopped", &long, 1);
         assert!(f.reason.len() <= MAX_REASON, "{}", f.reason.len());
         assert!(f.reason.ends_with('…'));
         assert!((f.to_json().len() as u64) < MAX_RECORD);
-        assert_eq!(bounded("short"), "short");
+        assert_eq!(bounded("short", 10), "short");
+        // Escaped to six bytes each in JSON, name and reason still fit.
+        let ctl = "\u{1}".repeat(1000);
+        let f = Failure::new(&ctl, "stopped", &ctl, 1);
+        assert!(
+            (f.to_json().len() as u64) < MAX_RECORD,
+            "{}",
+            f.to_json().len()
+        );
     }
 
     #[test]
     fn a_record_is_kept_in_run_dir_and_the_store_and_a_good_capture_clears_both() {
         let cfg = scratch("both");
         std::fs::create_dir_all(cfg.store_dir.join(UUID)).unwrap();
-        record(&cfg, &u(), "stopped", "disk full");
+        record(&cfg, &vm(), "stopped", "disk full");
         assert!(run_record_path(&cfg, &u()).is_file());
         assert!(cfg.store_dir.join(UUID).join(MARKER).is_file());
         match read(&cfg, &u()) {
@@ -303,7 +342,7 @@ mod tests {
     #[test]
     fn no_store_directory_is_made_for_a_failure_and_run_dir_alone_is_enough() {
         let cfg = scratch("runonly");
-        record(&cfg, &u(), "capture", "no such VM");
+        record(&cfg, &vm(), "capture", "no such VM");
         assert!(!cfg.store_dir.join(UUID).exists());
         assert!(matches!(read(&cfg, &u()), Some(Remembered::Failed(_))));
         let _ = std::fs::remove_dir_all(cfg.store_dir.parent().unwrap());
@@ -315,8 +354,8 @@ mod tests {
         let vm = cfg.store_dir.join(UUID);
         std::fs::create_dir_all(&vm).unwrap();
         std::fs::create_dir_all(failures_dir(&cfg.run_dir)).unwrap();
-        let old = Failure::new("stopped", "old", 100).to_json();
-        let new = Failure::new("release", "new", 200).to_json();
+        let old = Failure::new("vm", "stopped", "old", 100).to_json();
+        let new = Failure::new("vm", "release", "new", 200).to_json();
         std::fs::write(run_record_path(&cfg, &u()), &old).unwrap();
         std::fs::write(vm.join(MARKER), &new).unwrap();
         let reason = |r: Option<Remembered>| match r {

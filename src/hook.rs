@@ -212,7 +212,7 @@ impl<'a> Job<'a> {
     fn capture(&self) {
         let result = capture::capture(&self.cfg, &self.domain, &self.tpm, &self.event(), &self.xml);
         // Remembered: the stop succeeds, and only syslog would tell.
-        failure::settle(&self.cfg, &self.domain.uuid, &self.args.op, &result);
+        failure::settle(&self.cfg, &self.domain, &self.args.op, &result);
         // A stored or unchanged state got the migrated mark with it.
         let marked = matches!(
             result,

@@ -165,9 +165,18 @@ fn a_transient_running_vm_is_found_in_libvirts_status_files_alone() {
     let h = host("cov-transient", "");
     let me = std::process::id();
     let xml = String::from_utf8(fixture("tpm2-transient.stopped.xml")).unwrap();
-    let status =
-        format!("<domstatus state='running' reason='booted' pid='{me}'>\n{xml}\n</domstatus>\n");
-    std::fs::write(h.root.join("run-libvirt/tpmtrans.xml"), status).unwrap();
+    let status = |job: &str| {
+        format!(
+            "<domstatus state='running' reason='booted' pid='{me}'>\n{job}{xml}\n</domstatus>\n"
+        )
+    };
+    let path = h.root.join("run-libvirt/tpmtrans.xml");
+    // While an incoming migration brings its state, it is not judged.
+    let job = "<job type='none' async='migration in' phase='prepare' flags='0x0'/>\n";
+    std::fs::write(&path, status(job)).unwrap();
+    let (_, t) = check(&h);
+    assert!(!t.contains("VM tpmtrans"), "{t}");
+    std::fs::write(&path, status("")).unwrap();
     let (code, t) = check(&h);
     assert_eq!(code, 1);
     assert!(
@@ -247,6 +256,17 @@ fn a_failed_capture_command_is_remembered_too() {
     assert_eq!(h.run(&["capture", "tpmtrans"], b"").status.code(), Some(1));
     let (_, v) = check_json(&h);
     assert_eq!(vm_json(&v, UUID_TRANS)["failure"]["event"], "capture");
+    // One FIX: the failure says the store holds nothing for it.
+    let (_, t) = check(&h);
+    let line = t
+        .lines()
+        .find(|l| l.starts_with("FIX  VM tpmtrans: its last capture failed"))
+        .unwrap_or_else(|| panic!("{t}"));
+    assert!(
+        line.contains("the store still holds nothing for it"),
+        "{line}"
+    );
+    assert!(!t.contains("never captured:"), "{t}");
 }
 
 #[test]
@@ -402,4 +422,37 @@ fn list_shows_the_vm_state_the_newest_generation_was_read_in() {
     let lj: serde_json::Value =
         serde_json::from_slice(&h.run(&["list", "--json"], b"").stdout).unwrap();
     assert_eq!(lj["vms"][0]["newest"]["vm_state"], "shutoff");
+}
+
+#[test]
+fn a_transient_vm_whose_stop_failed_stays_in_check_after_libvirt_forgot_it() {
+    let h = host("cov-gone", "");
+    h.put_state(UUID_TRANS, &[("tpm2-00.permall", b"not a swtpm blob")]);
+    assert_ok(&h.stop_transient());
+    let (code, t) = check(&h);
+    assert_eq!(code, 1, "{t}");
+    let line = t
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "FIX  VM tpmtrans ({UUID_TRANS}), which libvirt no longer"
+            ))
+        })
+        .unwrap_or_else(|| panic!("{t}"));
+    assert!(line.contains("the store holds nothing for it"), "{line}");
+    let (_, v) = check_json(&h);
+    let vm = vm_json(&v, UUID_TRANS);
+    assert_eq!(
+        (vm["found"].as_str(), vm["verdict"].as_str()),
+        (Some("gone"), Some("failing"))
+    );
+    // Its next start and good stop clear it; then only the store knows it.
+    h.put_state(
+        UUID_TRANS,
+        &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
+    );
+    assert_ok(&h.stop_transient());
+    let (_, v) = check_json(&h);
+    assert!(v["vms"].as_array().unwrap().is_empty(), "{v:#}");
+    assert_eq!(v["store"]["vms"], 1);
 }

@@ -97,6 +97,20 @@ fn a_full_store_fails_the_capture_cleanly_and_keeps_every_earlier_generation() {
         no_leftovers(&h.vm_store(UUID_EFI)),
         "the failed generation was left behind"
     );
+    // Remembered in run_dir, which a full store cannot touch; check names
+    // the VM (transient, so libvirt forgot it) and the reason.
+    let record = h.run_dir().join(format!("failures/{UUID_EFI}.json"));
+    let text = std::fs::read_to_string(record).unwrap();
+    assert!(text.contains("No space left on device"), "{text}");
+    let out = h.run(&["check"], b"");
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.lines().any(|l| l.starts_with("FIX  VM efitest (")
+            && l.contains("no longer defines or runs here: its last capture failed")
+            && l.contains("No space left on device")),
+        "{t}"
+    );
 }
 
 #[test]

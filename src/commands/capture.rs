@@ -89,7 +89,7 @@ fn capture_running(cfg: &Config, vm: &RunningVm, all: bool) -> Result<Done> {
         return Ok(Done::Skipped(Some(why)));
     }
     let result = keep_running(cfg, vm);
-    failure::settle(cfg, &vm.domain.uuid, "capture", &result);
+    failure::settle(cfg, &vm.domain, "capture", &result);
     let outcome = result?;
     log_outcome(&vm.domain, "capture/live", &outcome);
     Ok(Done::Kept(outcome))
@@ -130,7 +130,7 @@ fn capture_stopped(cfg: &Config, name: &str) -> Result<Done> {
         extra: "-".into(),
     };
     let result = capture::capture(cfg, &domain, &tpm, &event, &xml);
-    failure::settle(cfg, &domain.uuid, "capture", &result);
+    failure::settle(cfg, &domain, "capture", &result);
     let outcome = result?;
     log_outcome(&domain, "capture/-", &outcome);
     Ok(Done::Kept(outcome))

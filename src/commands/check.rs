@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::{Config, Source};
-use crate::coverage::{self, Summary, Survey, Totals, Verdict, VmCoverage};
+use crate::coverage::{self, Found, Summary, Survey, Totals, Verdict, VmCoverage};
 use crate::domain::Uuid;
 use crate::error::{Error, Result};
-use crate::failure::Remembered;
+use crate::failure::{self, Remembered};
 use crate::inventory::JSON_VERSION;
 use crate::logging::sanitize;
 use crate::qemuconf::{self, QemuConf};
@@ -466,7 +466,7 @@ fn vm_findings(cfg: &Config, vm: &VmCoverage, now: i64) -> Vec<Finding> {
         ));
     }
     if let Some(f) = &vm.failure {
-        v.push((Level::Fix, failure_line(vm, &name, f, &capture)));
+        v.push((Level::Fix, failure_line(cfg, vm, &name, f, &capture)));
     }
     if let (Some(s), Some(false)) = (&vm.secret, vm.secret_defined) {
         v.push((
@@ -486,57 +486,87 @@ fn vm_findings(cfg: &Config, vm: &VmCoverage, now: i64) -> Vec<Finding> {
             secret_changed_line(vm, &name, old, &n.generation),
         ));
     }
+    if let Some(f) = capture_finding(cfg, vm, &name, &capture, now, v.is_empty()) {
+        v.push(f);
+    }
+    v
+}
+
+/// The line about the VM's captures: never captured, stale, or (when
+/// nothing else was said of it, `alone`) ok with its newest generation.
+fn capture_finding(
+    cfg: &Config,
+    vm: &VmCoverage,
+    name: &str,
+    capture: &str,
+    now: i64,
+    alone: bool,
+) -> Option<Finding> {
     match &vm.newest {
-        None if vm.verdict == Verdict::NoStateYet => v.push((
+        None if vm.verdict == Verdict::NoStateYet => Some((
             Level::Ok,
             format!("VM {name} has no TPM state yet (it never started): nothing to keep"),
         )),
-        None if vm.running() => v.push((
+        // The failure's line already says the store holds nothing.
+        None if vm.failure.is_some() => None,
+        None if vm.running() => Some((
             Level::Fix,
             format!("VM {name} runs and its TPM was never captured: {capture}"),
         )),
-        None => v.push((
+        None => Some((
             Level::Fix,
             format!("VM {name} has an emulator TPM that was never captured: {capture}"),
         )),
         Some(n) if vm.verdict == Verdict::Stale => {
             let since = now - vm.confirmed_unix.unwrap_or(n.time_unix);
-            v.push((
-                Level::Warn,
-                format!(
-                    "VM {name} runs and its newest capture is {} old (more than max_capture_age, \
-                     {}): is the capture timer running? {capture}",
-                    age(since),
-                    age(cfg.max_capture_age as i64)
-                ),
-            ));
+            let line = format!(
+                "VM {name} runs and its newest capture is {} old (more than max_capture_age, \
+                 {}): is the capture timer running? {capture}",
+                age(since),
+                age(cfg.max_capture_age as i64)
+            );
+            Some((Level::Warn, line))
         }
-        Some(n) if v.is_empty() => {
+        Some(n) if alone => {
             let confirmed = match vm.confirmed_unix {
                 Some(t) if t > n.time_unix + 60 => {
                     format!(", found unchanged {} ago", age(now - t))
                 }
                 _ => String::new(),
             };
-            v.push((
-                Level::Ok,
-                format!(
-                    "VM {name}: newest capture {}, {} old{confirmed}",
-                    n.generation,
-                    age(now - n.time_unix)
-                ),
-            ));
+            let line = format!(
+                "VM {name}: newest capture {}, {} old{confirmed}",
+                n.generation,
+                age(now - n.time_unix)
+            );
+            Some((Level::Ok, line))
         }
-        Some(_) => {}
+        Some(_) => None,
     }
-    v
 }
 
-fn failure_line(vm: &VmCoverage, name: &str, f: &Remembered, capture: &str) -> String {
+fn failure_line(
+    cfg: &Config,
+    vm: &VmCoverage,
+    name: &str,
+    f: &Remembered,
+    capture: &str,
+) -> String {
     let held = match &vm.newest {
         Some(n) => format!("generation {} (captured {})", n.generation, n.time),
         None => "nothing for it".into(),
     };
+    if vm.found == Found::Gone {
+        return format!(
+            "VM {name} ({}), which libvirt no longer defines or runs here: its last capture \
+             failed ({}); the store holds {held}. Its next good capture clears this; if it is \
+             gone for good: rm {} {}",
+            vm.uuid,
+            f.describe(),
+            failure::run_record_path(cfg, &vm.uuid).display(),
+            cfg.store_dir.join(&vm.uuid).join(failure::MARKER).display()
+        );
+    }
     match f {
         Remembered::Failed(_) => format!(
             "VM {name}: its last capture failed ({}); the store still holds {held}. \
@@ -544,8 +574,10 @@ fn failure_line(vm: &VmCoverage, name: &str, f: &Remembered, capture: &str) -> S
             f.describe()
         ),
         Remembered::Damaged { path, error } => format!(
-            "VM {name}: a capture failed, and its record cannot be read ({path}: {error}); \
-             the store holds {held}; `{capture}` clears it once a capture succeeds"
+            "VM {name}: a capture failed, and its record cannot be read ({}: {}); \
+             the store holds {held}; `{capture}` clears it once a capture succeeds",
+            sanitize(path),
+            sanitize(error)
         ),
     }
 }
@@ -688,14 +720,17 @@ pub fn run(source: &Source, json: bool, out: &mut dyn Write) -> Result<i32> {
         };
         serde_json::to_writer_pretty(&mut *out, &doc).map_err(|e| Error::failed(e.to_string()))?;
         writeln!(out).map_err(w)?;
+        out.flush().map_err(w)?;
     } else {
+        // As before: a reader that stops early (`check | grep -q ok`) is
+        // no failure of the check, whose answer is its exit status.
         for (_, (level, line)) in &findings {
-            writeln!(out, "{} {line}", level.tag()).map_err(w)?;
+            let _ = writeln!(out, "{} {line}", level.tag());
         }
-        writeln!(out, "{}", summary_line(&survey.summary())).map_err(w)?;
-        writeln!(out, "{fixes} to fix").map_err(w)?;
+        let _ = writeln!(out, "{}", summary_line(&survey.summary()));
+        let _ = writeln!(out, "{fixes} to fix");
+        let _ = out.flush();
     }
-    out.flush().map_err(w)?;
     Ok(if fixes > 0 { 1 } else { 0 })
 }
 
@@ -773,6 +808,15 @@ mod tests {
             ]
         );
         std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn ages_read_in_minutes_then_hours_then_days() {
+        assert_eq!(age(-5), "0 min");
+        assert_eq!(age(7199), "119 min");
+        assert_eq!(age(7200), "2 h");
+        assert_eq!(age(2 * 86_400 - 1), "47 h");
+        assert_eq!(age(2 * 86_400), "2 days");
     }
 
     #[test]
