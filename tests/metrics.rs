@@ -176,6 +176,19 @@ fn a_failed_capture_shows_its_time_until_the_next_good_capture_clears_it() {
 }
 
 #[test]
+fn a_transient_vm_gone_after_a_failed_capture_keeps_its_series_but_is_not_counted_as_defined() {
+    let h = host("metrics-gone");
+    h.put_state(UUID_TRANS, &[("tpm2-00.permall", b"not a swtpm blob")]);
+    let before = now();
+    assert_ok(&h.stop_transient());
+    let t = metrics(&h);
+    let f = "swtpm_keeper_vm_capture_failure_timestamp_seconds";
+    assert!(vm_value(&t, f, UUID_TRANS) >= before, "{t}");
+    assert_eq!(verdict(&t, UUID_TRANS), "failing");
+    assert_eq!(value(&t, "swtpm_keeper_vms "), 0, "libvirt has no such VM");
+}
+
+#[test]
 fn a_damaged_failure_record_still_shows_a_failure_at_time_1() {
     let h = host("metrics-damaged");
     define_tpmtrans(&h);

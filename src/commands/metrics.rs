@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::config::Config;
-use crate::coverage::{self, VmCoverage};
+use crate::coverage::{self, Found, VmCoverage};
 use crate::error::{Error, Result};
 use crate::fsutil::{Dir, Rename};
 
@@ -35,8 +35,12 @@ pub struct VmSeries {
 /// Everything one exposition says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Every VM with an emulator TPM on this host (the survey's set).
+    /// Every VM with an emulator TPM on this host (the survey's set), and
+    /// any libvirt forgot (a transient VM that stopped) whose last capture
+    /// failed: that failure must stay in sight.
     pub vms: Vec<VmSeries>,
+    /// VMs that libvirt defines or runs with an emulator TPM.
+    pub tpm_vms: u64,
     /// What the store holds, for every VM in it (also ones not defined here).
     pub store_vms: u64,
     pub store_generations: u64,
@@ -137,8 +141,8 @@ pub fn render(s: &Snapshot) -> String {
     for (name, help, value) in [
         (
             "swtpm_keeper_vms",
-            "VMs that libvirt defines with an emulator TPM on this host.",
-            s.vms.len() as u64,
+            "VMs that libvirt defines or runs with an emulator TPM on this host.",
+            s.tpm_vms,
         ),
         (
             "swtpm_keeper_store_vms",
@@ -221,6 +225,7 @@ pub fn snapshot(cfg: &Config, now: i64) -> Snapshot {
     }
     Snapshot {
         vms: survey.vms.iter().map(series).collect(),
+        tpm_vms: survey.vms.iter().filter(|c| c.found != Found::Gone).count() as u64,
         store_vms: survey.store.vms as u64,
         store_generations: survey.store.generations as u64,
         store_bytes: survey.store.bytes,
@@ -304,6 +309,7 @@ mod tests {
     fn every_family_has_help_and_type_once_and_a_series_per_vm() {
         let s = Snapshot {
             vms: vec![vm("b", "2"), vm("a", "1")],
+            tpm_vms: 2,
             ..Snapshot::default()
         };
         let text = render(&s);
@@ -376,6 +382,7 @@ mod tests {
                     ..vm("never", "6b6b")
                 },
             ],
+            tpm_vms: 1,
             store_vms: 4,
             store_generations: 9,
             store_bytes: 1 << 20,
@@ -395,6 +402,7 @@ mod tests {
             "swtpm_keeper_vm_protected{vm=\"never\",uuid=\"6b6b\"} 1".into(),
             "swtpm_keeper_vm_verdict{vm=\"never\",uuid=\"6b6b\",verdict=\"stale\"} 1".into(),
             "swtpm_keeper_vm_verdict{vm=\"win\\\"11\",uuid=\"5a5a\",verdict=\"ok\"} 1".into(),
+            "swtpm_keeper_vms 1".into(),
             "swtpm_keeper_store_vms 4".into(),
             "swtpm_keeper_store_generations 9".into(),
             "swtpm_keeper_store_bytes 1048576".into(),
