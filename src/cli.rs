@@ -210,8 +210,8 @@ swtpm-keeper metrics [-o FILE]
 
 What protects each VM's TPM, in the Prometheus text format for
 node_exporter's textfile collector: one series per VM that libvirt
-defines with an emulator TPM (labels vm and uuid), and the store's
-totals:
+defines with an emulator TPM, or forgot after a failed capture (labels
+vm and uuid), and the store's totals:
   swtpm_keeper_vm_last_capture_timestamp_seconds   newest good capture (0: never)
   swtpm_keeper_vm_generations, swtpm_keeper_vm_bytes
   swtpm_keeper_vm_capture_failure_timestamp_seconds
@@ -230,7 +230,8 @@ totals:
                    default: print to stdout
 
 The capture timer (`capture --all`) writes metrics_file after each pass;
-see swtpm-keeper.conf(5). Alert rules: docs/monitoring.md.
+see swtpm-keeper.conf(5). Setup, alert rules and what each alert means:
+/usr/share/doc/swtpm-keeper/monitoring.md and examples/swtpm-keeper.rules.yml.
 ";
 
 const HOOK_HELP: &str = "\
