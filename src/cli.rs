@@ -23,6 +23,7 @@ COMMANDS:
     export <vm>           one generation as a tar archive, for backups (-o FILE or stdout)
     import <FILE|->       add an exported generation to the store (--to VM: to another VM)
     check                 is the hook installed and active, the store sound, every TPM kept?
+    metrics [-o FILE]     every VM's TPM protection for Prometheus (textfile collector)
     hook <domain> <op> <sub-op> <extra>
                           run as libvirt runs the hook (domain XML on stdin)
 
@@ -128,6 +129,8 @@ stop, nor a protected one (see prune).
 
 Exit 0 when every VM was captured, unchanged or skipped; 1 when any
 failed (after trying all), with the reason on stderr and in syslog.
+With --all, it then writes metrics_file for Prometheus (see `metrics
+--help`); a file that cannot be written also makes the exit 1.
 ";
 
 const VERIFY_HELP: &str = "\
@@ -279,6 +282,35 @@ is recorded (in /run/swtpm-keeper/reloaded); after a reload by hand it
 stays `warn`.
 ";
 
+const METRICS_HELP: &str = "\
+swtpm-keeper metrics [-o FILE]
+
+What protects each VM's TPM, in the Prometheus text format for
+node_exporter's textfile collector: one series per VM that libvirt
+defines with an emulator TPM, or forgot after a failed capture (labels
+vm and uuid), and the store's totals:
+  swtpm_keeper_vm_last_capture_timestamp_seconds   newest good capture (0: never)
+  swtpm_keeper_vm_generations, swtpm_keeper_vm_bytes
+  swtpm_keeper_vm_capture_failure_timestamp_seconds
+                                                   remembered failure (0: none)
+  swtpm_keeper_vm_protected                        1 if `check` finds it safe
+  swtpm_keeper_vm_verdict                          1, with `check`'s verdict in
+                                                   a third label (verdict=\"stale\")
+  swtpm_keeper_vms                                 VMs with an emulator TPM
+  swtpm_keeper_store_vms, swtpm_keeper_store_generations,
+  swtpm_keeper_store_bytes                         what the store holds
+  swtpm_keeper_metrics_timestamp_seconds           when this was written
+
+-o, --output FILE  replace FILE whole (a temporary beside it, then a
+                   rename, mode 0644), e.g.
+                   /var/lib/prometheus/node-exporter/swtpm-keeper.prom;
+                   default: print to stdout
+
+The capture timer (`capture --all`) writes metrics_file after each pass;
+see swtpm-keeper.conf(5). Setup, alert rules and what each alert means:
+/usr/share/doc/swtpm-keeper/monitoring.md and examples/swtpm-keeper.rules.yml.
+";
+
 const HOOK_HELP: &str = "\
 swtpm-keeper hook <domain> <op> <sub-op> <extra>
 
@@ -320,6 +352,9 @@ pub enum Command {
     },
     Check {
         json: bool,
+    },
+    Metrics {
+        output: Option<PathBuf>,
     },
     Capture {
         vms: Vec<String>,
@@ -498,9 +533,6 @@ impl Options {
                     }
                     o.xml = Some(inline.or(next));
                 }
-                ("export", "--output" | "-o") => {
-                    o.output = Some(PathBuf::from(value(cmd, name, inline, &mut it)?))
-                }
                 ("import", "--to") => o.to = Some(value(cmd, name, inline, &mut it)?),
                 ("import", "--force" | "-f") => o.force = true,
                 ("restore" | "export", "--generation" | "-g") => {
@@ -522,6 +554,12 @@ impl Options {
                 ("capture", "--pause") => o.pause = true,
                 ("capture", "--pause-limit") => {
                     o.pause_limit = Some(number(cmd, name, &value(cmd, name, inline, &mut it)?)?)
+                }
+                ("export" | "metrics", "--output" | "-o") => {
+                    let v = value(cmd, name, inline, &mut it)?;
+                    if v.is_empty() || o.output.replace(PathBuf::from(v)).is_some() {
+                        return Err(usage(cmd, "--output takes one file, once"));
+                    }
                 }
                 (_, n) if n.starts_with('-') && n.len() > 1 => {
                     return Err(usage(cmd, format!("unknown option {n}")))
@@ -597,6 +635,10 @@ fn build(cmd: &str, o: Options) -> Result<Command> {
             o.no_positional(cmd)?;
             Command::Check { json: o.json }
         }
+        "metrics" => {
+            o.no_positional(cmd)?;
+            Command::Metrics { output: o.output }
+        }
         "capture" => {
             if o.all != o.positional.is_empty() {
                 return Err(usage(cmd, "name the VMs, or give --all (not both)"));
@@ -657,6 +699,7 @@ fn help_of(cmd: &str) -> Option<&'static str> {
         "capture" => CAPTURE_HELP,
         "export" => EXPORT_HELP,
         "import" => IMPORT_HELP,
+        "metrics" => METRICS_HELP,
         "hook" => HOOK_HELP,
         _ => return None,
     })
@@ -762,6 +805,20 @@ mod tests {
             p(&["check", "--json"]).unwrap(),
             Command::Check { json: true }
         );
+        assert_eq!(p(&["metrics"]).unwrap(), Command::Metrics { output: None });
+        for args in [
+            &["metrics", "-o", "/m/x.prom"][..],
+            &["metrics", "--output", "/m/x.prom"],
+            &["metrics", "--output=/m/x.prom"],
+        ] {
+            assert_eq!(
+                p(args).unwrap(),
+                Command::Metrics {
+                    output: Some("/m/x.prom".into())
+                },
+                "{args:?}"
+            );
+        }
         assert_eq!(
             p(&["capture", "--all"]).unwrap(),
             Command::Capture {
@@ -934,7 +991,7 @@ mod tests {
     fn every_command_has_help() {
         for c in [
             "list", "show", "verify", "restore", "prune", "check", "hook", "capture", "export",
-            "import",
+            "import", "metrics",
         ] {
             match p(&[c, "--help"]).unwrap() {
                 Command::Help(h) => assert!(h.starts_with(&format!("swtpm-keeper {c}")), "{c}"),
@@ -971,6 +1028,10 @@ mod tests {
             vec!["import", "a", "b"],
             vec!["import", "a", "--to"],
             vec!["import", "a", "-o", "f"],
+            vec!["metrics", "-o"],
+            vec!["metrics", "-o", "a", "-o", "b"],
+            vec!["metrics", "--output="],
+            vec!["metrics", "extra"],
         ] {
             let e = p(&a).unwrap_err();
             assert_eq!(e.kind, Kind::Usage, "{a:?}");

@@ -110,5 +110,8 @@ fn dispatch(cmd: Command, source: &Source) -> Result<i32> {
             };
             commands::import::run(&cfg()?, &req, &mut out())
         }
+        Command::Metrics { output } => {
+            commands::metrics::run(&cfg()?, output.as_deref(), &mut out())
+        }
     }
 }

@@ -472,7 +472,7 @@ fn efi_exported(h: &Host) -> PathBuf {
     file
 }
 
-const WRITERS: [Writer; 9] = [
+const WRITERS: [Writer; 10] = [
     Writer {
         name: "a capture (the first: store and VM directory made)",
         setup: |h| {
@@ -610,6 +610,23 @@ const WRITERS: [Writer; 9] = [
             (args.map(String::from).to_vec(), Vec::new())
         },
         done: |h| assert_eq!(h.generations(UUID_EFI).len(), 1),
+    },
+    Writer {
+        name: "metrics -o FILE (replacing the file node_exporter reads)",
+        setup: |h| {
+            let dir = h.root.join("textfile");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("swtpm-keeper.prom"), "old\n").unwrap();
+            let out = dir.join("swtpm-keeper.prom").display().to_string();
+            (
+                ["metrics", "-o", &out].map(String::from).to_vec(),
+                Vec::new(),
+            )
+        },
+        done: |h| {
+            let text = std::fs::read_to_string(h.root.join("textfile/swtpm-keeper.prom")).unwrap();
+            assert!(text.contains("\nswtpm_keeper_vms "), "{text}");
+        },
     },
 ];
 

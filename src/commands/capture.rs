@@ -82,6 +82,11 @@ pub fn run(
                 .map_err(|e| Error::failed(format!("cannot write the output: {e}")))?;
         }
     }
+    // The timer's pass also writes the Prometheus file (see there why a
+    // failure to write it fails the pass).
+    if all && !super::metrics::write_after_pass(cfg) {
+        failed += 1;
+    }
     Ok(if failed > 0 { 1 } else { 0 })
 }
 

@@ -5,6 +5,7 @@ pub mod check;
 pub mod export;
 pub mod import;
 pub mod list;
+pub mod metrics;
 pub mod prune;
 pub mod restore;
 pub mod show;

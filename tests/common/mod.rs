@@ -75,7 +75,7 @@ impl Host {
             h.run_dir(),
             h.root.join("run-libvirt"),
             h.root.join("secrets"),
-            h.root.join("prometheus-textfile")
+            h.textfile_dir()
         );
         // A key in `extra` replaces the base's (TOML refuses duplicates).
         let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_owned();
@@ -88,6 +88,12 @@ impl Host {
         text.push_str(extra);
         std::fs::write(&h.conf, text).unwrap();
         h
+    }
+
+    /// node_exporter's textfile directory for this host (not made: no
+    /// metrics file unless a test makes it).
+    pub fn textfile_dir(&self) -> PathBuf {
+        self.root.join("textfile")
     }
 
     /// This host's run_dir (tmpfs `/run/swtpm-keeper` on a real one).

@@ -36,6 +36,8 @@ check "installed: check sees libvirtd running the hook (postinst reloaded it)" \
     sh -c "swtpm-keeper check | grep -q '^ok   libvirtd (pid [0-9]*) runs'"
 check "installed: the capture timer and its service are systemd units" \
     sh -c "[ -f /lib/systemd/system/swtpm-keeper-capture.timer ] && grep -q 'ExecStart=/usr/sbin/swtpm-keeper capture --all' /lib/systemd/system/swtpm-keeper-capture.service"
+check "installed: the alert rules and the monitoring guide" \
+    sh -c "[ -f /usr/share/doc/swtpm-keeper/examples/swtpm-keeper.rules.yml ] && ls /usr/share/doc/swtpm-keeper/monitoring.md* >/dev/null"
 check "installed: swtpm-keeper is on PATH with its man page" sh -c "command -v swtpm-keeper >/dev/null && [ -e /usr/share/man/man8/swtpm-keeper.8.gz ]"
 
 SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/run.sh"

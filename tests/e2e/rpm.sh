@@ -40,6 +40,8 @@ check "installed: the store is root 0700" test "$(stat -c %U:%a /var/lib/swtpm-k
 check "installed: the store kept what it held" test -e "$SENTINEL/sentinel"
 check "installed: the capture timer and its service are systemd units" \
     sh -c "[ -f /usr/lib/systemd/system/swtpm-keeper-capture.timer ] && grep -q 'ExecStart=/usr/sbin/swtpm-keeper capture --all' /usr/lib/systemd/system/swtpm-keeper-capture.service"
+check "installed: the alert rules and the monitoring guide" \
+    sh -c "[ -f /usr/share/doc/swtpm-keeper/examples/swtpm-keeper.rules.yml ] && ls /usr/share/doc/swtpm-keeper/monitoring.md* >/dev/null"
 check "installed: /usr/sbin/swtpm-keeper is the same binary" test "$(readlink -f /usr/sbin/swtpm-keeper)" = "$BIN"
 check "installed: rpm -V finds every file as packaged" quiet rpm -V --nodeps swtpm-keeper
 
