@@ -348,7 +348,19 @@ pub fn capture_locked(
     event: &Event,
     live_xml: &[u8],
 ) -> Result<Outcome> {
-    capture_read(cfg, vm, domain, tpm, event, live_xml, Reading::AtStop).map(|(o, _)| o)
+    let plan = ReadPlan {
+        reading: Reading::AtStop,
+        after_read: &mut || Ok(()),
+    };
+    capture_read(cfg, vm, domain, tpm, event, live_xml, plan).map(|(o, _)| o)
+}
+
+/// How a capture reads, and what runs once everything is read, before
+/// anything is stored: `capture --pause` resumes the VM there, and an
+/// error from it stores nothing.
+pub struct ReadPlan<'a> {
+    pub reading: Reading,
+    pub after_read: &'a mut dyn FnMut() -> Result<()>,
 }
 
 /// Capture as `reading` allows, into a VM store the caller has locked
@@ -362,10 +374,13 @@ fn capture_read(
     tpm: &Tpm,
     event: &Event,
     live_xml: &[u8],
-    reading: Reading,
+    plan: ReadPlan,
 ) -> Result<(Outcome, Vec<(String, Identity)>)> {
+    let reading = plan.reading;
     let loc = StateLocation::of(&cfg.swtpm_dir, domain, tpm);
-    let Some(c) = collect(cfg, domain, tpm, &loc, live_xml, reading)? else {
+    let collected = collect(cfg, domain, tpm, &loc, live_xml, reading)?;
+    (plan.after_read)()?;
+    let Some(c) = collected else {
         let path = loc.path().to_owned();
         return Ok((Outcome::NoState { path }, Vec::new()));
     };
@@ -388,9 +403,21 @@ fn capture_read(
 /// caller, without touching swtpm or QEMU. Nothing is read when every
 /// source file still has the identity the last live capture saw in the
 /// newest generation (`live::Seen`, in `run_dir`); otherwise each file is
-/// read until two reads agree.
+/// read until two reads agree (once, when the VM is paused).
 pub fn capture_running(cfg: &Config, vm: &VmStore, running: &RunningVm) -> Result<Outcome> {
+    capture_running_then(cfg, vm, running, &mut || Ok(()))
+}
+
+/// The same, running `after_read` once the files are read (or found
+/// unchanged) and before anything is stored.
+pub fn capture_running_then(
+    cfg: &Config,
+    vm: &VmStore,
+    running: &RunningVm,
+    after_read: &mut dyn FnMut() -> Result<()>,
+) -> Result<Outcome> {
     if let Some(unchanged) = unchanged_running(cfg, vm, running)? {
+        after_read()?;
         return Ok(unchanged);
     }
     let domain = &running.domain;
@@ -404,7 +431,11 @@ pub fn capture_running(cfg: &Config, vm: &VmStore, running: &RunningVm) -> Resul
         sub_op: "live".into(),
         extra: "-".into(),
     };
-    let (outcome, read) = capture_read(cfg, vm, domain, tpm, &event, &running.live_xml, reading)?;
+    let plan = ReadPlan {
+        reading,
+        after_read,
+    };
+    let (outcome, read) = capture_read(cfg, vm, domain, tpm, &event, &running.live_xml, plan)?;
     if let Outcome::Stored { generation, .. } | Outcome::Unchanged { generation, .. } = &outcome {
         let seen = Seen {
             generation: generation.clone(),
@@ -527,7 +558,10 @@ fn collect(
     }))
 }
 
-/// The NVRAM the domain names, if any; a missing file is noted, not fatal.
+/// The UEFI variable store the domain names (`<nvram>` or `<varstore>`),
+/// if any, byte for byte whatever its format; a missing file is noted, not
+/// fatal. A store that is no file is named in the manifest and the log,
+/// never copied.
 fn collect_nvram(
     cfg: &Config,
     domain: &Domain,
@@ -535,23 +569,36 @@ fn collect_nvram(
     files: &mut Vec<Captured>,
     budget: &mut Budget,
 ) -> Result<Option<NvramInfo>> {
-    let Some(p) = &domain.nvram else {
-        return Ok(None);
+    let who = format!("vm={} uuid={}", domain.name, domain.uuid);
+    let mut info = NvramInfo {
+        template: domain.nvram_template.clone(),
+        kind: domain.nvram_kind,
+        format: domain.nvram_format.clone(),
+        ..NvramInfo::default()
     };
+    let Some(p) = &domain.nvram else {
+        let Some(what) = &domain.nvram_not_copied else {
+            return Ok(None);
+        };
+        log::warn!(
+            "{who}: its NVRAM is a {}, not a file: NOT copied with the TPM state; \
+             back it up with the VM's disks",
+            crate::logging::sanitize(&what.to_string())
+        );
+        info.path = what.at.clone();
+        info.not_copied = Some(what.to_string());
+        return Ok(Some(info));
+    };
+    let label = domain.nvram_kind.label();
     let data = read_nvram(p, reading, cfg.max_file_size, budget)?;
     if data.is_none() {
         log::warn!(
-            "vm={} uuid={}: NVRAM {} named by the domain does not exist; storing the TPM state without it",
-            domain.name,
-            domain.uuid,
+            "{who}: {label} {} named by the domain does not exist; storing the TPM state without it",
             p.display()
         );
     }
-    let info = NvramInfo {
-        path: p.display().to_string(),
-        template: domain.nvram_template.clone(),
-        file: data.as_ref().map(|_| manifest::NVRAM.to_owned()),
-    };
+    info.path = p.display().to_string();
+    info.file = data.as_ref().map(|_| manifest::NVRAM.to_owned());
     if let Some(data) = data {
         files.push(Captured {
             name: manifest::NVRAM.into(),

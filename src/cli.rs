@@ -72,7 +72,7 @@ replaced (kept as evidence, never restored) are listed first.
 ";
 
 const CAPTURE_HELP: &str = "\
-swtpm-keeper capture <vm>... | --all
+swtpm-keeper capture <vm>... [--pause [--pause-limit SECONDS]] | --all
 
 Add a generation for each named VM, or with --all for every running VM
 with an emulator TPM on this host, whose TPM state (or NVRAM) changed
@@ -88,7 +88,25 @@ writes the UEFI vars in place). A VM whose state is still arriving (an
 incoming migration) is skipped. A file whose identity (inode, size,
 times) did not change since the last pass is not read again, so a pass
 over VMs that did not change reads no state and writes nothing. A
-stopped VM named here is captured as at a stop.
+stopped VM named here is captured as at a stop. A paused VM (libvirt's
+status says `paused`) writes nothing: each file is read once, and the
+generation is one point in time (the manifest's vm_state says `paused`).
+
+--pause               hold each named running VM paused around its read,
+                      for a TPM state and NVRAM of one point in time (as a
+                      backup wants): `virsh suspend <uuid>`, read, `virsh
+                      resume <uuid>`, then store. virsh connects to its
+                      default (qemu:///system as root), or to
+                      LIBVIRT_DEFAULT_URI. The VM is resumed on every path:
+                      an error, SIGINT/SIGTERM/SIGHUP (then the signal ends
+                      the command, nothing stored), the limit below. A VM
+                      paused already stays paused (no suspend, no resume).
+                      The line ends `; VM paused for N ms` (from the
+                      suspend's start to the resume's end), as the syslog
+                      line does. Not with --all.
+--pause-limit SECONDS the longest the VM may stay paused (default 10): past
+                      it the VM is resumed and nothing is stored; a virsh
+                      suspend that has not answered by then is killed.
 
 One line per VM on stdout, starting with the generation that holds its
 state now (`-` when none):
@@ -275,6 +293,9 @@ pub enum Command {
     Capture {
         vms: Vec<String>,
         all: bool,
+        /// `--pause`: hold each VM paused around its read, at most this
+        /// many seconds (`--pause-limit`).
+        pause: Option<u64>,
     },
     Export {
         vm: String,
@@ -418,6 +439,8 @@ struct Options {
     all: bool,
     output: Option<PathBuf>,
     to: Option<String>,
+    pause: bool,
+    pause_limit: Option<u64>,
     positional: Vec<String>,
 }
 
@@ -465,6 +488,10 @@ impl Options {
                 }
                 ("prune", "--dry-run" | "-n") => o.dry_run = true,
                 ("capture", "--all" | "-a") => o.all = true,
+                ("capture", "--pause") => o.pause = true,
+                ("capture", "--pause-limit") => {
+                    o.pause_limit = Some(number(cmd, name, &value(cmd, name, inline, &mut it)?)?)
+                }
                 (_, n) if n.starts_with('-') && n.len() > 1 => {
                     return Err(usage(cmd, format!("unknown option {n}")))
                 }
@@ -544,6 +571,7 @@ fn build(cmd: &str, o: Options) -> Result<Command> {
                 return Err(usage(cmd, "name the VMs, or give --all (not both)"));
             }
             Command::Capture {
+                pause: pause_of(cmd, &o)?,
                 vms: o.positional,
                 all: o.all,
             }
@@ -563,6 +591,28 @@ fn build(cmd: &str, o: Options) -> Result<Command> {
         },
         _ => unreachable!("help_of knows only these"),
     })
+}
+
+/// capture's `--pause` and its limit, checked: not with `--all` (a timer
+/// that paused every VM would stall them all, for nothing a backup needs).
+fn pause_of(cmd: &str, o: &Options) -> Result<Option<u64>> {
+    if !o.pause {
+        return match o.pause_limit {
+            Some(_) => Err(usage(cmd, "--pause-limit goes with --pause")),
+            None => Ok(None),
+        };
+    }
+    if o.all {
+        return Err(usage(
+            cmd,
+            "--pause pauses the VMs it names, never --all: name them",
+        ));
+    }
+    match o.pause_limit {
+        Some(0) => Err(usage(cmd, "--pause-limit must be at least 1 second")),
+        Some(s) => Ok(Some(s)),
+        None => Ok(Some(crate::pause::DEFAULT_LIMIT.as_secs())),
+    }
 }
 
 fn help_of(cmd: &str) -> Option<&'static str> {
@@ -681,14 +731,16 @@ mod tests {
             p(&["capture", "--all"]).unwrap(),
             Command::Capture {
                 vms: vec![],
-                all: true
+                all: true,
+                pause: None,
             }
         );
         assert_eq!(
             p(&["capture", "a", "b"]).unwrap(),
             Command::Capture {
                 vms: vec!["a".into(), "b".into()],
-                all: false
+                all: false,
+                pause: None,
             }
         );
         assert_eq!(
@@ -725,6 +777,27 @@ mod tests {
         );
         assert!(p(&["capture"]).is_err(), "nothing named");
         assert!(p(&["capture", "--all", "a"]).is_err(), "both");
+        let paused = |v: &[&str]| match p(v) {
+            Ok(Command::Capture { pause, .. }) => Ok(pause),
+            Ok(c) => panic!("{c:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(paused(&["capture", "--pause", "a"]), Ok(Some(10)));
+        assert_eq!(
+            paused(&["capture", "a", "--pause", "--pause-limit=3"]),
+            Ok(Some(3))
+        );
+        for (bad, why) in [
+            (&["capture", "--pause", "--all"][..], "never --all"),
+            (&["capture", "--pause-limit", "3", "a"], "goes with --pause"),
+            (
+                &["capture", "--pause", "--pause-limit", "0", "a"],
+                "at least 1",
+            ),
+        ] {
+            let e = paused(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
         match p(&["hook", "vm", "stopped", "end", "-"]).unwrap() {
             Command::Hook(h) => assert_eq!((h.name.as_str(), h.op.as_str()), ("vm", "stopped")),
             c => panic!("{c:?}"),

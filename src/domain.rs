@@ -1,6 +1,16 @@
 //! The domain XML libvirt gives the hook on stdin: read only what the hook
-//! needs (name, UUID, the emulator TPM, the UEFI vars file) and validate it,
-//! since names and paths end up in file paths and log lines.
+//! needs (name, UUID, the emulator TPM, the UEFI variable store) and
+//! validate it, since names and paths end up in file paths and log lines.
+//!
+//! libvirt keeps a VM's UEFI variables in one of:
+//! - `<os><nvram>PATH</nvram>` (or `<nvram type='file'><source file=…/>`),
+//!   the firmware's pflash image, `format='raw'` (OVMF's) or `'qcow2'`
+//!   (libvirt 10.10+): a file, kept byte for byte whatever its format;
+//! - `<os><varstore path='…' template='…'/>` (libvirt 12.1, QEMU's
+//!   `uefi-vars` device, which keeps the variables as JSON): a file, kept
+//!   as the NVRAM is;
+//! - `<nvram type='block'>` or `type='network'`: a device or a remote
+//!   image, which a copy of a file cannot stand for: named, never copied.
 
 use std::path::PathBuf;
 
@@ -54,6 +64,46 @@ impl TpmVersion {
     }
 }
 
+/// Which of libvirt's UEFI variable stores a VM's file is; spelled
+/// `nvram` or `varstore` in a manifest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UefiStore {
+    /// `<os><nvram>`: the firmware's pflash image.
+    #[default]
+    Nvram,
+    /// `<os><varstore>`: QEMU's `uefi-vars` device's JSON file.
+    Varstore,
+}
+
+impl UefiStore {
+    pub fn is_nvram(&self) -> bool {
+        *self == UefiStore::Nvram
+    }
+
+    /// For people: "NVRAM" or "varstore".
+    pub fn label(self) -> &'static str {
+        match self {
+            UefiStore::Nvram => "NVRAM",
+            UefiStore::Varstore => "varstore",
+        }
+    }
+}
+
+/// A UEFI variable store that is no file: `what` it is (`block device`,
+/// `network image`) and where (the device, `protocol:name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotAFile {
+    pub what: &'static str,
+    pub at: String,
+}
+
+impl std::fmt::Display for NotAFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.what, self.at)
+    }
+}
+
 /// Where libvirt (10.10+) was told to keep the state, overriding the default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateSource {
@@ -75,9 +125,17 @@ pub struct Domain {
     pub uuid: Uuid,
     /// The emulator TPM, if the domain has one.
     pub tpm: Option<Tpm>,
-    /// The UEFI variable store (`<os><nvram>`), when it is a local file.
+    /// The UEFI variable store's file (`<os><nvram>` or `<os><varstore>`),
+    /// when it is a local file.
     pub nvram: Option<PathBuf>,
     pub nvram_template: Option<String>,
+    /// Which store `nvram` is.
+    pub nvram_kind: UefiStore,
+    /// `<nvram format=…>`: `raw` or `qcow2`, when the XML says.
+    pub nvram_format: Option<String>,
+    /// A store that is no file (`type='block'` or `'network'`), which no
+    /// capture copies: what it is, for the manifest and the log.
+    pub nvram_not_copied: Option<NotAFile>,
     /// `<os firmware='efi'>`: firmware auto-selection. On libvirt 9.0 the
     /// XML at `prepare` does not name the NVRAM file yet.
     pub firmware: Option<String>,
@@ -98,6 +156,7 @@ struct XOs {
     #[serde(rename = "@firmware")]
     firmware: Option<String>,
     nvram: Option<XNvram>,
+    varstore: Option<XVarstore>,
 }
 
 #[derive(Deserialize)]
@@ -106,15 +165,33 @@ struct XNvram {
     template: Option<String>,
     #[serde(rename = "@type")]
     kind: Option<String>,
+    #[serde(rename = "@format")]
+    format: Option<String>,
     #[serde(rename = "$text")]
     text: Option<String>,
     source: Option<XNvramSource>,
 }
 
+/// A disk-like `<source>`: `file=` for a file, `dev=` for a block device,
+/// `protocol=` and `name=` for a network image.
 #[derive(Deserialize)]
 struct XNvramSource {
     #[serde(rename = "@file")]
     file: Option<String>,
+    #[serde(rename = "@dev")]
+    dev: Option<String>,
+    #[serde(rename = "@protocol")]
+    protocol: Option<String>,
+    #[serde(rename = "@name")]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct XVarstore {
+    #[serde(rename = "@path")]
+    path: Option<String>,
+    #[serde(rename = "@template")]
+    template: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -242,16 +319,19 @@ impl Domain {
         })?;
         let tpm = emulator_tpm(d.devices.map(|d| d.tpm).unwrap_or_default())?;
         let firmware = d.os.as_ref().and_then(|o| o.firmware.clone());
-        let (nvram, nvram_template) = match d.os.and_then(|o| o.nvram) {
-            Some(n) => nvram_of(n)?,
-            None => (None, None),
+        let store = match d.os {
+            Some(os) => uefi_store(os.nvram, os.varstore)?,
+            None => Store::default(),
         };
         Ok(Domain {
             name,
             uuid,
             tpm,
-            nvram,
-            nvram_template,
+            nvram: store.path,
+            nvram_template: store.template,
+            nvram_kind: store.kind,
+            nvram_format: store.format,
+            nvram_not_copied: store.not_copied,
             firmware,
         })
     }
@@ -342,18 +422,78 @@ fn state_source(s: XSource) -> Result<StateSource> {
     }
 }
 
-/// The UEFI vars file <nvram> names, if it is a file, and its template.
-fn nvram_of(n: XNvram) -> Result<(Option<PathBuf>, Option<String>)> {
+/// A VM's UEFI variable store, as `Domain` keeps it.
+#[derive(Default)]
+struct Store {
+    path: Option<PathBuf>,
+    template: Option<String>,
+    kind: UefiStore,
+    format: Option<String>,
+    not_copied: Option<NotAFile>,
+}
+
+/// The store `<nvram>` or `<varstore>` names (libvirt allows one of them).
+fn uefi_store(nvram: Option<XNvram>, varstore: Option<XVarstore>) -> Result<Store> {
+    match (nvram, varstore) {
+        (Some(_), Some(_)) => Err(Error::failed(
+            "domain XML has both <nvram> and <varstore>; libvirt allows only one",
+        )),
+        (Some(n), None) => nvram_of(n),
+        (None, Some(v)) => {
+            let path = v
+                .path
+                .filter(|p| !p.trim().is_empty())
+                .ok_or_else(|| Error::failed("<varstore> has no path"))?;
+            Ok(Store {
+                path: Some(abs_path("varstore", &path)?),
+                template: v.template,
+                kind: UefiStore::Varstore,
+                ..Store::default()
+            })
+        }
+        (None, None) => Ok(Store::default()),
+    }
+}
+
+/// The file <nvram> names, if it is a file; else what it is instead.
+fn nvram_of(n: XNvram) -> Result<Store> {
+    let mut store = Store {
+        template: n.template,
+        format: n.format,
+        ..Store::default()
+    };
+    let source = n.source;
     let file = match n.kind.as_deref() {
-        None | Some("file") => n.source.and_then(|s| s.file).or(n.text),
-        // network-backed NVRAM is not a file we can keep
-        Some(_) => None,
+        None | Some("file") => source.and_then(|s| s.file).or(n.text),
+        Some("block") => {
+            let dev = source.and_then(|s| s.dev).unwrap_or_default();
+            store.not_copied = Some(NotAFile {
+                what: "block device",
+                at: dev.trim().to_owned(),
+            });
+            None
+        }
+        Some("network") => {
+            let (protocol, name) = source.map_or((None, None), |s| (s.protocol, s.name));
+            let (protocol, name) = (protocol.unwrap_or_default(), name.unwrap_or_default());
+            store.not_copied = Some(NotAFile {
+                what: "network image",
+                at: format!("{}:{}", protocol.trim(), name.trim()),
+            });
+            None
+        }
+        Some(other) => {
+            store.not_copied = Some(NotAFile {
+                what: "store of unknown type",
+                at: other.to_owned(),
+            });
+            None
+        }
     };
-    let nvram = match file.filter(|f| !f.trim().is_empty()) {
-        Some(f) => Some(abs_path("NVRAM", &f)?),
-        None => None,
-    };
-    Ok((nvram, n.template))
+    if let Some(f) = file.filter(|f| !f.trim().is_empty()) {
+        store.path = Some(abs_path("NVRAM", &f)?);
+    }
+    Ok(store)
 }
 
 #[cfg(test)]
@@ -428,6 +568,42 @@ mod tests {
         assert_eq!(t.source, Some(StateSource::Dir("/srv/tpm/a".into())));
     }
 
+    fn os(inner: &str) -> Domain {
+        let x = format!(
+            "<domain><name>a</name><uuid>11111111-2222-3333-4444-555555555555</uuid><os>{inner}</os></domain>"
+        );
+        Domain::parse(x.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn every_uefi_store_form_libvirt_writes_is_read() {
+        let d = os("<nvram template='/t.fd' format='qcow2'>/v/a_VARS.qcow2</nvram>");
+        assert_eq!(d.nvram, Some(PathBuf::from("/v/a_VARS.qcow2")));
+        assert_eq!(d.nvram_format.as_deref(), Some("qcow2"));
+        assert_eq!(d.nvram_kind, UefiStore::Nvram);
+        let d = os("<nvram type='file' format='raw'><source file='/v/a.fd'/></nvram>");
+        assert_eq!(d.nvram, Some(PathBuf::from("/v/a.fd")));
+        assert_eq!(d.nvram_format.as_deref(), Some("raw"));
+        let d = os("<varstore path='/v/a_VARS.json' template='/t.json'/>");
+        assert_eq!(d.nvram, Some(PathBuf::from("/v/a_VARS.json")));
+        assert_eq!(d.nvram_template.as_deref(), Some("/t.json"));
+        assert_eq!(d.nvram_kind, UefiStore::Varstore);
+        let d = os("<nvram type='block'><source dev='/dev/vg/a'/></nvram>");
+        assert_eq!(d.nvram, None);
+        assert_eq!(
+            d.nvram_not_copied.unwrap().to_string(),
+            "block device /dev/vg/a"
+        );
+        let d = os("<nvram type='network'><source protocol='nbd' name='vars'><host name='h'/></source></nvram>");
+        assert_eq!(d.nvram, None);
+        assert_eq!(
+            d.nvram_not_copied.unwrap().to_string(),
+            "network image nbd:vars"
+        );
+        let d = os("<type>hvm</type>");
+        assert_eq!((d.nvram, d.nvram_not_copied), (None, None));
+    }
+
     #[test]
     fn rejects_bad_documents_with_a_reason() {
         let cases: &[(&[u8], &str)] = &[
@@ -447,6 +623,18 @@ mod tests {
             (
                 b"<domain><name>a</name><uuid>11111111-2222-3333-4444-555555555555</uuid><devices><tpm><backend type='emulator' version='2.0'><source type='dir' path='rel/x'/></backend></tpm></devices></domain>",
                 "not an absolute path",
+            ),
+            (
+                b"<domain><name>a</name><uuid>11111111-2222-3333-4444-555555555555</uuid><os><nvram>/v/a.fd</nvram><varstore path='/v/a.json'/></os></domain>",
+                "both <nvram> and <varstore>",
+            ),
+            (
+                b"<domain><name>a</name><uuid>11111111-2222-3333-4444-555555555555</uuid><os><varstore path='v/a.json'/></os></domain>",
+                "varstore path \"v/a.json\" is not an absolute path",
+            ),
+            (
+                b"<domain><name>a</name><uuid>11111111-2222-3333-4444-555555555555</uuid><os><varstore template='/t.json'/></os></domain>",
+                "<varstore> has no path",
             ),
         ];
         for (xml, want) in cases {

@@ -20,6 +20,7 @@ pub mod logging; // syslog through the `log` facade
 pub mod manifest; // manifest.json and SHA256SUMS
 pub mod marks; // the incoming, migrated-away and protected marks beside a VM's generations
 pub mod mend; // judging libvirt's state at prepare: absent, good or corrupt
+pub mod pause; // capture --pause: suspend and resume a VM through virsh (never in the hook)
 pub mod putback; // putting a state back where libvirt looks for it
 pub mod qemuconf; // owners of restored files, from qemu.conf
 pub mod running; // running VMs, from libvirt's status files

@@ -93,9 +93,10 @@ pub enum Reading {
     /// At a stop swtpm has exited (its lock says so) and QEMU is gone: one
     /// read is whole, and a file that fails its checks is refused.
     AtStop,
-    /// While the VM runs (or is paused: QEMU may still flush the vars):
-    /// every file is read until two reads agree, and a file between
-    /// versions is read again.
+    /// While the VM runs: every file is read until two reads agree (but
+    /// one whose writer can only have replaced it whole, or that is
+    /// quiet), and a file between versions is read again. Paused, nothing
+    /// writes: one read whose file kept its identity is whole.
     Live { paused: bool },
 }
 
@@ -146,11 +147,13 @@ pub fn read_file<T>(
         }
         Some(mut f) => {
             refuse_never_settling(&f, r)?;
-            if let Some(done) = read_once(&mut f, r, &check) {
+            if let Some(done) = read_once(reading, &mut f, r, &check) {
+                log::debug!("{}: read once", r.path.display());
                 return Ok(Some(done));
             }
         }
     }
+    log::debug!("{}: read until two reads agree", r.path.display());
     let d = read_settled(&r.path.display().to_string(), r.patience, || {
         let Some(mut f) = open()? else {
             return Ok(Attempt::NotYet("it is missing".into()));
@@ -169,13 +172,17 @@ pub fn read_file<T>(
     Ok(Some((d, t)))
 }
 
-/// One read suffices for a file replaced only by renames, and for a quiet
-/// one; `None`: read it the patient way.
+/// One read suffices for a file replaced only by renames, for a quiet
+/// one, and for any file of a paused VM; `None`: read it the patient way.
 fn read_once<T>(
+    reading: Reading,
     f: &mut File,
     r: &FileRead,
     check: &impl Fn(&[u8]) -> std::result::Result<T, String>,
 ) -> Option<(FileData, T)> {
+    if reading == (Reading::Live { paused: true }) {
+        return read_unwritten(f, r, check);
+    }
     if !r.replaced_whole {
         return read_quiet(f, r, check);
     }
@@ -207,6 +214,26 @@ fn read_quiet<T>(
     if now - last_write < QUIET.as_secs() as i64 {
         return None;
     }
+    let d = fsutil::read_regular(f, r.path, r.max).ok()?;
+    let after = fsutil::fstat(f).ok()?;
+    if Identity::of(&before) != Identity::of(&after) {
+        return None;
+    }
+    let t = check(&d.bytes).ok()?;
+    Some((d, t))
+}
+
+/// One read of a paused VM's file: its vCPUs are stopped, so the guest
+/// writes neither its UEFI vars nor TPM commands, and QEMU drained its
+/// writes when it paused. The file's identity is compared around the read
+/// all the same (a TPM command that was under way may still finish): a
+/// changed one, or a failed check, is read the patient way.
+fn read_unwritten<T>(
+    f: &mut File,
+    r: &FileRead,
+    check: &impl Fn(&[u8]) -> std::result::Result<T, String>,
+) -> Option<(FileData, T)> {
+    let before = fsutil::fstat(f).ok()?;
     let d = fsutil::read_regular(f, r.path, r.max).ok()?;
     let after = fsutil::fstat(f).ok()?;
     if Identity::of(&before) != Identity::of(&after) {
@@ -404,11 +431,25 @@ mod tests {
         };
         let ok = |_: &[u8]| Ok::<(), String>(());
         let mut f = File::open(&p).unwrap();
-        assert_eq!(read_once(&mut f, &r, &ok).unwrap().0.bytes, b"state");
+        let running = Reading::Live { paused: false };
+        assert_eq!(
+            read_once(running, &mut f, &r, &ok).unwrap().0.bytes,
+            b"state"
+        );
         // Written in place (swtpm's backup mode): just written is not enough.
         r.replaced_whole = false;
         let mut f = File::open(&p).unwrap();
-        assert!(read_once(&mut f, &r, &ok).is_none());
+        assert!(read_once(running, &mut f, &r, &ok).is_none());
+        // Paused, nothing writes: one read, just written or not.
+        let paused = Reading::Live { paused: true };
+        let mut f = File::open(&p).unwrap();
+        assert_eq!(
+            read_once(paused, &mut f, &r, &ok).unwrap().0.bytes,
+            b"state"
+        );
+        let bad = |_: &[u8]| Err::<(), String>("header".into());
+        let mut f = File::open(&p).unwrap();
+        assert!(read_once(paused, &mut f, &r, &bad).is_none(), "read again");
         std::fs::remove_file(&p).unwrap();
     }
 }

@@ -85,7 +85,10 @@ fn dispatch(cmd: Command, source: &Source) -> Result<i32> {
             };
             commands::prune::run(&cfg()?, &req, &mut out())
         }
-        Command::Capture { vms, all } => commands::capture::run(&cfg()?, &vms, all, &mut out()),
+        Command::Capture { vms, all, pause } => {
+            let pause = pause.map(std::time::Duration::from_secs);
+            commands::capture::run(&cfg()?, &vms, all, pause, &mut out())
+        }
         Command::Export {
             vm,
             generation,

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::domain::TpmVersion;
+use crate::domain::{TpmVersion, UefiStore};
 use crate::fsutil::Identity;
 
 pub const FORMAT: u32 = 1;
@@ -80,12 +80,46 @@ pub struct TpmInfo {
     pub header_flags: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The VM's UEFI variable store: libvirt's `<nvram>` file, its
+/// `<varstore>` (libvirt 12.1), or a store no capture copies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NvramInfo {
+    /// The file (or, not copied, the device or image) libvirt names.
     pub path: String,
     pub template: Option<String>,
-    /// The file's name in the generation; None when it did not exist.
+    /// The file's name in the generation; None when it did not exist, or
+    /// when it is not copied.
     pub file: Option<String>,
+    /// `varstore` for `<os><varstore>`; absent for `<nvram>` (and before 0.2).
+    #[serde(default, skip_serializing_if = "UefiStore::is_nvram")]
+    pub kind: UefiStore,
+    /// `<nvram format=…>` (`raw`, `qcow2`), when the domain said; the file
+    /// is kept byte for byte whatever it is. Absent before 0.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Why the store is not in the generation: `block device /dev/…` or
+    /// `network image …` (a copy of a file cannot stand for either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_copied: Option<String>,
+}
+
+impl NvramInfo {
+    /// One line for people: "NVRAM /path (qcow2, kept)", "varstore /path
+    /// (missing at capture)", "NVRAM not copied: block device /dev/sdb".
+    pub fn describe(&self) -> String {
+        let label = self.kind.label();
+        if let Some(why) = &self.not_copied {
+            return format!("{label} not copied: {why}");
+        }
+        let has = match self.file {
+            Some(_) => "kept",
+            None => "missing at capture",
+        };
+        match &self.format {
+            Some(f) => format!("{label} {} ({f}, {has})", self.path),
+            None => format!("{label} {} ({has})", self.path),
+        }
+    }
 }
 
 /// What a file of a generation is, spelled `tpm`, `nvram`, `domain` or

@@ -297,7 +297,38 @@ pub fn check_rules_marked(
             force,
         ));
     }
+    if let Some(why) = other_uefi_store(domain, m) {
+        return Err(Error::refused(format!("{which} {why}"), force));
+    }
     Ok(())
+}
+
+/// Why the generation's UEFI variable store cannot go where the domain
+/// keeps its own now (another kind, another format, no file at all), if
+/// it cannot: its bytes would be no store the firmware can read there.
+fn other_uefi_store(domain: &Domain, m: &Manifest) -> Option<String> {
+    let kept = m.nvram.as_ref().filter(|n| n.file.is_some())?;
+    if let Some(not_file) = &domain.nvram_not_copied {
+        return Some(format!(
+            "holds the {} as a file, but the domain now keeps it on a {not_file}",
+            kept.kind.label()
+        ));
+    }
+    domain.nvram.as_ref()?;
+    if kept.kind != domain.nvram_kind {
+        return Some(format!(
+            "holds a {} ({}), but the domain now has a {}",
+            kept.kind.label(),
+            kept.path,
+            domain.nvram_kind.label()
+        ));
+    }
+    match (&kept.format, &domain.nvram_format) {
+        (Some(was), Some(now)) if was != now => Some(format!(
+            "holds a {was} NVRAM, but the domain's is {now} now"
+        )),
+        _ => None,
+    }
 }
 
 /// What `put_back` may swap out. Only what was captured first (the CLI's
@@ -420,6 +451,10 @@ impl Checked<'_> {
 pub fn nvram_path(domain: &Domain, m: &Manifest) -> Option<PathBuf> {
     if let Some(p) = &domain.nvram {
         return Some(p.clone());
+    }
+    // A block device or a network image: never written to.
+    if domain.nvram_not_copied.is_some() {
+        return None;
     }
     if domain.firmware.as_deref() != Some("efi") {
         return None;

@@ -267,12 +267,7 @@ fn render_generation(s: &mut String, uuid: &str, g: &GenerationJson) {
         m.tpm.version, m.tpm.model, m.tpm.state_path
     ));
     if let Some(nv) = &m.nvram {
-        let has = if nv.file.is_some() {
-            "kept"
-        } else {
-            "missing at capture"
-        };
-        s.push_str(&format!("    NVRAM {} ({has})\n", nv.path));
+        s.push_str(&format!("    {}\n", nv.describe()));
     }
     s.push_str(&format!("    domain.xml from {}\n", m.domain_xml_from));
     for f in &m.files {
