@@ -16,6 +16,8 @@ PREFIX        ?= /usr
 SBINDIR       ?= $(PREFIX)/sbin
 LIBEXECDIR    ?= $(PREFIX)/libexec
 MANDIR        ?= $(PREFIX)/share/man
+# docs/backup.md and the example scripts (examples/).
+DOCDIR        ?= $(PREFIX)/share/doc/swtpm-keeper
 SYSCONFDIR    ?= /etc
 # systemd's system unit directory (the capture timer).
 UNITDIR       ?= $(PREFIX)/lib/systemd/system
@@ -59,6 +61,9 @@ install: $(BIN)
 	install -m 0755 hooks/qemu-chain $(DESTDIR)$(PKGLIBEXEC)/qemu-chain
 	install -D -m 0644 docs/swtpm-keeper.8 $(DESTDIR)$(MANDIR)/man8/swtpm-keeper.8
 	install -D -m 0644 docs/swtpm-keeper.conf.5 $(DESTDIR)$(MANDIR)/man5/swtpm-keeper.conf.5
+	install -D -m 0644 docs/backup.md $(DESTDIR)$(DOCDIR)/backup.md
+	install -D -m 0755 packaging/examples/swtpm-keeper-virtnbdbackup \
+	    $(DESTDIR)$(DOCDIR)/examples/swtpm-keeper-virtnbdbackup
 	install -d -m 0700 $(DESTDIR)$(STOREDIR)
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	sed 's|/usr/sbin/swtpm-keeper|$(SBINDIR)/swtpm-keeper|' packaging/systemd/swtpm-keeper-capture.service \
@@ -81,6 +86,8 @@ uninstall:
 	rm -f $(DESTDIR)$(PKGLIBEXEC)/swtpm-keeper $(DESTDIR)$(PKGLIBEXEC)/reload-libvirt \
 	    $(DESTDIR)$(PKGLIBEXEC)/qemu-chain
 	rm -f $(DESTDIR)$(MANDIR)/man8/swtpm-keeper.8 $(DESTDIR)$(MANDIR)/man5/swtpm-keeper.conf.5
+	rm -f $(DESTDIR)$(DOCDIR)/backup.md $(DESTDIR)$(DOCDIR)/examples/swtpm-keeper-virtnbdbackup
+	-rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null
 	-rmdir $(DESTDIR)$(PKGLIBEXEC) 2>/dev/null
 	# Remove the configuration only if it is still the shipped one.
 	if cmp -s packaging/swtpm-keeper.conf $(DESTDIR)$(CONFDIR)/swtpm-keeper.conf; then \
