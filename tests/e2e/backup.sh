@@ -89,7 +89,7 @@ fi
 HOOK=$(ls /etc/libvirt/hooks/qemu.d/swtpm-keeper 2>/dev/null) || die "no hook in /etc/libvirt/hooks/qemu.d"
 KEEPER=$(readlink -f "$HOOK")
 SCRIPT=
-for d in /usr/local/share/doc/swtpm-keeper /usr/share/doc/swtpm-keeper; do
+for d in /usr/local/share/doc/swtpm-keeper /usr/share/doc/swtpm-keeper /usr/share/doc/swtpm-keeper-*; do
     [ -x "$d/examples/swtpm-keeper-virtnbdbackup" ] && SCRIPT=$d/examples/swtpm-keeper-virtnbdbackup && break
 done
 [ -n "$SCRIPT" ] || die "the example script swtpm-keeper-virtnbdbackup is not installed (executable) under .../share/doc/swtpm-keeper/examples"
