@@ -7,7 +7,8 @@
 //! stopped VM (a fixture libvirt tree under a temp dir): a 27 KB TPM 2.0
 //! state (bench/fixtures/tpm2-00.permall: swtpm's, with an EK and twelve
 //! 2 KB NV indexes) and an NVRAM of 540 KB (540,672 bytes: OVMF_VARS_4M.fd) or 4 MiB.
-//! Needs root (import does). Prints a table; docs/performance.md has a run.
+//! Needs root (import does). Prints a table of medians; it gates on nothing
+//! (a shared machine's fsync latency swings from run to run).
 
 use std::fs;
 use std::os::unix::net::UnixDatagram;
