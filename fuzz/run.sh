@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fuzz the domain XML reader and the state-format checks with cargo fuzz,
-# seeded with the test fixtures. `fuzz/run.sh [SECONDS]` (default 60 per
+# Fuzz the domain XML reader, the state-format checks and the archive
+# reader of `import` with cargo fuzz, seeded with the test fixtures (and an
+# exported archive). `fuzz/run.sh [SECONDS]` (default 60 per
 # target); prints executions and time per target. Needs cargo-fuzz
 # (`cargo install cargo-fuzz`); on a stable toolchain RUSTC_BOOTSTRAP=1 lets
 # it pass the sanitizer flags.
@@ -9,11 +10,12 @@ cd "$(dirname "$0")"
 secs=${1:-60}
 export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-mkdir -p corpus/domain_xml corpus/state_formats artifacts
+mkdir -p corpus/domain_xml corpus/state_formats corpus/archive artifacts
 cp ../tests/fixtures/libvirt-9.0/*.xml ../tests/fixtures/hostile-xml/*.xml corpus/domain_xml/
 cp ../tests/fixtures/libvirt-9.0/tpm2-00.permall.* corpus/state_formats/
+cp ../tests/fixtures/archive/*.tar corpus/archive/
 status=0
-for t in domain_xml state_formats; do
+for t in domain_xml state_formats archive; do
     log="artifacts/$t.log"
     # fuzz/Cargo.lock (committed) pins what the fuzzers build with, as the
     # top-level lock does for the program. A fixed seed makes a failure

@@ -262,6 +262,24 @@ impl Collected {
                 crate::logging::sanitize(&loaded.manifest.uuid)
             ));
         }
+        // A start may write a kept NVRAM where the manifest says it was
+        // (libvirt 9.0 names no NVRAM at `prepare` with firmware
+        // auto-selection): only a plain absolute path, as libvirt records.
+        if let Some(nv) = loaded.manifest.nvram.as_ref().filter(|n| n.file.is_some()) {
+            let p = std::path::Path::new(&nv.path);
+            let plain = p.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            });
+            if !(p.is_absolute() && plain) || nv.path.contains("//") {
+                return Err(format!(
+                    "its manifest records the NVRAM at {:?}, not a plain absolute path",
+                    crate::logging::sanitize(&nv.path)
+                ));
+            }
+        }
         let uuid = Uuid::new(&vm).expect("checked by parse_path");
         Ok(Archived {
             uuid,

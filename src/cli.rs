@@ -204,7 +204,8 @@ Restore on a new host: swtpm-keeper import FILE [--to VM], then start the VM.
 const IMPORT_HELP: &str = "\
 swtpm-keeper import <FILE|-> [--to VM] [--force]
 
-Add the generation an `export` archive holds (FILE, or stdin with -) to
+Add the generation an `export` archive holds (FILE, or with - stdin, not a
+terminal) to
 the store, as a capture adds one: the next number in the VM's sequence,
 written through a temporary, fsynced and renamed into place. Its manifest
 records where it came from (imported_from: the archive's VM, generation,

@@ -293,6 +293,29 @@ mod tests {
     }
 
     #[test]
+    fn provenance_is_optional_and_absent_from_a_capture() {
+        let json = br#"{"format": 1, "uuid": "u", "name": "n", "event": "stopped",
+            "sub_event": "end", "reason": "-", "time": "t", "time_unix": 0, "host": "h",
+            "swtpm_keeper_version": "0.1.0", "persistent": false, "domain_xml_from": "hook-stdin",
+            "tpm": {"version": "2.0", "model": "tpm-crb", "state_type": "dir", "state_path": "/p",
+                    "encryption_secret": null, "header_flags": 0},
+            "nvram": null, "files": []}"#;
+        let mut m = Manifest::from_json(json).unwrap();
+        assert_eq!(m.imported_from, None);
+        let text = String::from_utf8(m.to_json()).unwrap();
+        assert!(!text.contains("imported_from"), "{text}");
+        m.imported_from = Some(Origin {
+            uuid: "u".into(),
+            name: "n".into(),
+            generation: "00000001-20261121T215608Z".into(),
+            host: "b".into(),
+            time: rfc3339(0),
+            domain_xml: None,
+        });
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
     fn sums_round_trip_and_sort() {
         let e = vec![
             ("b".to_string(), sha256_hex(b"b")),

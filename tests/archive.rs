@@ -430,6 +430,30 @@ fn export_refuses_a_terminal_as_stdout() {
     );
 }
 
+#[test]
+fn import_refuses_a_terminal_as_stdin() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: import needs root (tests/run-all runs it as root)");
+        return;
+    }
+    let h = Host::new("archive-tty-in");
+    let cmd = format!("{} import - ; echo rc=$?", bin());
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("SWTPM_KEEPER_CONFIG", &h.conf)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("refusing to read an archive from a terminal"),
+        "{text}"
+    );
+    assert!(text.contains("rc=1"), "{text}");
+    assert!(!h.store.exists());
+}
+
 // ---- import: round trips --------------------------------------------------
 
 #[test]
@@ -585,6 +609,40 @@ fn importing_the_same_archive_twice_adds_nothing_the_second_time() {
     assert_eq!(snapshot(&h2.store), before);
 }
 
+#[test]
+fn import_to_a_vm_with_a_tpm_of_its_own_says_how_to_replace_it_and_touches_nothing_of_libvirt() {
+    let h = Host::new("archive-own");
+    captured_efi(&h);
+    let a = export(&h, &["efitest"]);
+    let h2 = Host::new("archive-own-2");
+    define(
+        &h2,
+        "restore_efitest",
+        OTHER_UUID,
+        Some(SECRET),
+        Some("2.0"),
+    );
+    let mut own = fixture("tpm2-00.permall.encrypted");
+    own[200] ^= 1;
+    h2.put_state(OTHER_UUID, &[("tpm2-00.permall", &own)]);
+    let libvirt_before = snapshot(&h2.swtpm);
+    let out = import(&h2, &["-", "--to", "restore_efitest"], &a);
+    assert_ok(&out);
+    assert_eq!(stdout(&out).lines().count(), 1, "{}", stdout(&out));
+    assert!(
+        stderr(&out)
+            .contains("to use the imported one: swtpm-keeper restore restore_efitest --force"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        snapshot(&h2.swtpm),
+        libvirt_before,
+        "import touched libvirt's files"
+    );
+    assert!(!h2.nvram_dir.join("restore_efitest_VARS.fd").exists());
+}
+
 // ---- import: refusals about the target --------------------------------------
 
 /// Import `a` into `h` with `args`: refused (exit 1), the store as it was.
@@ -642,12 +700,17 @@ fn import_refuses_another_encryption_secret_unless_forced() {
     assert!(
         err.contains(&format!(
             "encrypted with libvirt secret {SECRET} but the domain now uses {other}"
+        )) && err.contains(&format!(
+            "Define libvirt secret {SECRET} here with its old value"
         )),
         "{err}"
     );
     let out = import(&h2, &["-", "--to", "restore_efitest", "--force"], &a);
     assert_ok(&out);
     assert_eq!(h2.generations(OTHER_UUID).len(), 1);
+    // The store has the VM now: refused all the same, and nothing changes.
+    let err = refused(&h2, &["-", "--to", "restore_efitest"], &a);
+    assert!(err.contains("or add --force to import it anyway"), "{err}");
     // Without a secret at all: refused too.
     define(
         &h2,
@@ -911,6 +974,23 @@ const HOSTILE: &[Hostile] = &[
         says: "its manifest is of VM",
     },
     Hostile {
+        what: "a manifest whose NVRAM path climbs out (a start may write there)",
+        make: |mut v, _| {
+            let m = String::from_utf8(data_of(&v, "/manifest.json").to_vec()).unwrap();
+            let at = m.find("\"nvram\": {").unwrap();
+            let path = m[at..].find("\"path\": \"").unwrap() + at + "\"path\": \"".len();
+            let m = format!(
+                "{}/var/lib/libvirt/qemu/nvram/../../../../etc/cron.d/{}",
+                &m[..path],
+                &m[path..]
+            );
+            replace(&mut v, "/manifest.json", m.into_bytes());
+            resum(&mut v);
+            build(&v)
+        },
+        says: "not a plain absolute path",
+    },
+    Hostile {
         what: "a UUID in capitals",
         make: |mut v, _| {
             for e in &mut v {
@@ -965,6 +1045,39 @@ fn every_hostile_archive_is_refused_with_its_reason_and_leaves_the_store_as_it_w
             );
         }
     }
+}
+
+#[test]
+fn an_nvram_path_that_no_start_writes_to_may_be_anything() {
+    // A store the capture did not copy (a network image, say): nothing
+    // is ever written where the manifest says it was.
+    let h = Host::new("archive-nvram-path");
+    captured_efi(&h);
+    let a = export(&h, &["efitest"]);
+    let mut v = raw_entries(&a);
+    v.retain(|e| !e.path.ends_with(b"/nvram.fd"));
+    let m: serde_json::Value = serde_json::from_slice(data_of(&v, "/manifest.json")).unwrap();
+    let mut m = m;
+    m["nvram"]["path"] = "pool/image".into();
+    m["nvram"]["file"] = serde_json::Value::Null;
+    m["files"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["role"] != "nvram");
+    replace(
+        &mut v,
+        "/manifest.json",
+        serde_json::to_vec_pretty(&m).unwrap(),
+    );
+    resum(&mut v);
+    let h2 = Host::new("archive-nvram-path-2");
+    let out = import(&h2, &["-"], &build(&v));
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains(": TPM from generation"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -1026,6 +1139,14 @@ fn every_0_1_0_generation_exports_and_imports_into_an_empty_store() {
         }
     }
     assert_eq!(n, 6);
+    // The bytes are pinned: a 0.1.0 generation exports as it did when
+    // export was written (the fuzzer's seed, tests/fixtures/archive).
+    let golden =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/archive/barsB1-0.1.0.tar");
+    assert!(
+        export(&h, &["barsB1"]) == std::fs::read(golden).unwrap(),
+        "the archive of a 0.1.0 generation changed"
+    );
     let out = h2.run(&["verify"], b"");
     assert_ok(&out);
     assert!(

@@ -47,17 +47,7 @@ pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
         ));
     }
     let a = read_archive(cfg, req.source)?;
-    let target = match req.to {
-        Some(arg) => Some(defined(cfg, arg)?.ok_or_else(|| {
-            Error::failed(format!(
-                "libvirt defines no VM {} here (in {}): define it first (virtnbdrestore -D \
-                 defines restore_<name>), or import without --to to keep the archive's UUID",
-                sanitize(arg),
-                cfg.libvirt_config_dir.display()
-            ))
-        })?),
-        None => defined(cfg, a.uuid.as_str())?,
-    };
+    let target = target(cfg, req.to, &a)?;
     let uuid = match &target {
         Some(t) => t.domain.uuid.clone(),
         None => a.uuid.clone(),
@@ -78,21 +68,46 @@ pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
         check_target(&a, t, marked, cfg, req.force)?;
     }
     let (files, m) = stored(&a, target.as_ref());
-    if let Some(g) = existing.as_ref().and_then(|vm| holds_already(cfg, vm, &m)) {
-        line(
-            out,
-            &format!(
-                "{g} unchanged {}: the store holds this state already",
-                sanitize(&m.name)
-            ),
-        )?;
-        return Ok(0);
-    }
     let vm = match existing {
         Some(vm) => vm,
         None => store.open_vm(&uuid, cfg.lock_timeout())?,
     };
+    // Under the lock: a concurrent import of the same archive adds once.
+    if let Some(g) = holds_already(cfg, &vm, &m) {
+        let name = sanitize(&m.name);
+        line(
+            out,
+            &format!("{g} unchanged {name}: the store holds this state already"),
+        )?;
+        return Ok(0);
+    }
     let (generation, _) = vm.add_generation(&files, &m, cfg.generations as usize)?;
+    report(&a, &m, &generation, out)?;
+    if let Some(t) = &target {
+        hint_if_state_exists(cfg, t);
+    }
+    Ok(0)
+}
+
+/// The VM that gets the generation, if libvirt defines it here: the one
+/// `--to` names (which must be), else the archive's own.
+fn target(cfg: &Config, to: Option<&str>, a: &Archived) -> Result<Option<Defined>> {
+    let Some(arg) = to else {
+        return defined(cfg, a.uuid.as_str());
+    };
+    let found = defined(cfg, arg)?.ok_or_else(|| {
+        Error::failed(format!(
+            "libvirt defines no VM {} here (in {}): define it first (virtnbdrestore -D \
+             defines restore_<name>), or import without --to to keep the archive's UUID",
+            sanitize(arg),
+            cfg.libvirt_config_dir.display()
+        ))
+    })?;
+    Ok(Some(found))
+}
+
+/// One line on stdout, one in syslog.
+fn report(a: &Archived, m: &Manifest, generation: &str, out: &mut dyn Write) -> Result<()> {
     let o = &a.generation;
     let what = format!(
         "generation {} of {} ({}), captured {} on {}",
@@ -105,8 +120,9 @@ pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
     let nvram = m.files.iter().any(|f| f.role == Role::Nvram);
     let tpm = if nvram { "TPM and NVRAM" } else { "TPM" };
     log::info!(
-        "vm={} uuid={uuid} event=import: imported {what} as generation {generation}",
-        sanitize(&m.name)
+        "vm={} uuid={} event=import: imported {what} as generation {generation}",
+        sanitize(&m.name),
+        m.uuid
     );
     line(
         out,
@@ -114,11 +130,7 @@ pub fn run(cfg: &Config, req: &Request, out: &mut dyn Write) -> Result<i32> {
             "{generation} imported {}: {tpm} from {what}",
             sanitize(&m.name)
         ),
-    )?;
-    if let Some(t) = &target {
-        hint_if_state_exists(cfg, t);
-    }
-    Ok(0)
+    )
 }
 
 fn line(out: &mut dyn Write, text: &str) -> Result<()> {
@@ -129,7 +141,14 @@ fn line(out: &mut dyn Write, text: &str) -> Result<()> {
 fn read_archive(cfg: &Config, source: &str) -> Result<Archived> {
     let limits = archive::Limits::of(cfg);
     if source == "-" {
-        return archive::read(std::io::stdin().lock(), "on stdin", limits);
+        let stdin = std::io::stdin().lock();
+        if std::io::IsTerminal::is_terminal(&stdin) {
+            return Err(Error::failed(
+                "refusing to read an archive from a terminal: name the file, or pipe it in \
+                 (swtpm-keeper import - < FILE)",
+            ));
+        }
+        return archive::read(stdin, "on stdin", limits);
     }
     let f = std::fs::File::open(source)
         .map_err(|e| Error::failed(format!("cannot open the archive {source}: {e}")))?;
@@ -204,8 +223,18 @@ fn check_target(a: &Archived, t: &Defined, marked: bool, cfg: &Config, force: bo
     let loc = StateLocation::of(&cfg.swtpm_dir, d, tpm);
     if let Err(r) = putback::check_rules_marked(marked, &a.generation, d, tpm, &loc) {
         if !force {
+            // On a new host the usual cause: the secret is not defined yet.
+            let was = &a.generation.manifest.tpm.encryption_secret;
+            let hint = match was {
+                Some(s) if *was != tpm.encryption_secret => format!(
+                    "Define libvirt secret {s} here with its old value (virsh secret-define, \
+                     secret-set-value) and point the VM's <encryption secret=...> at it, or add \
+                     --force to import it anyway"
+                ),
+                _ => "Add --force to import it anyway".into(),
+            };
             return Err(Error::failed(format!(
-                "refusing to import into VM {}: {r}. Add --force to import it anyway",
+                "refusing to import into VM {}: {r}. {hint}",
                 sanitize(&d.name)
             )));
         }
