@@ -328,10 +328,10 @@ fn virsh(
             fail(true, format!("cannot run virsh{hint}: {e}"))
         })?;
     let start = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if start.elapsed() >= limit => {
+    loop {
+        match exited(child.id()) {
+            Ok(true) => break,
+            Ok(false) if start.elapsed() >= limit => {
                 kill_group(child.id());
                 let _ = child.wait();
                 return Err(fail(
@@ -339,12 +339,20 @@ fn virsh(
                     format!("no answer within {} s, killed", limit.as_secs_f64()),
                 ));
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(fail(false, format!("cannot wait for virsh: {e}"))),
+            Ok(false) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => {
+                kill_group(child.id());
+                let _ = child.wait();
+                return Err(fail(false, format!("cannot wait for virsh: {e}")));
+            }
         }
-    };
-    // Whatever virsh left behind in its group must not hold stderr open.
+    }
+    // Whatever virsh left behind in its group must not hold stderr open;
+    // virsh, not reaped yet, still holds the group's id.
     kill_group(child.id());
+    let status = child
+        .wait()
+        .map_err(|e| fail(false, format!("cannot wait for virsh: {e}")))?;
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);
@@ -359,6 +367,21 @@ fn virsh(
     };
     let said = crate::logging::sanitize(err.trim());
     Err(fail(status.code().is_some(), format!("{how}: {said}")))
+}
+
+/// Has the child `pid` exited? Asked without reaping it (WNOWAIT): until
+/// it is reaped, no other process can take its pid as a group id.
+fn exited(pid: u32) -> std::io::Result<bool> {
+    // SAFETY: waitid fills the zeroed siginfo it is given; WNOWAIT leaves
+    // the child to `Child::wait`.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    let rc = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: set by waitid; 0 when the child has not exited.
+    Ok(unsafe { info.si_pid() } != 0)
 }
 
 fn kill_group(pid: u32) {

@@ -137,7 +137,8 @@ fn capture_running(
     }
     let locked = store.open_vm(uuid, cfg.lock_timeout())?;
     let outcome = capture::capture_running(cfg, &locked, vm)?;
-    log_outcome(&vm.domain, "capture/live", &outcome, pausing);
+    let state = vm.status.state.as_str();
+    log_outcome(&vm.domain, "capture/live", state, &outcome, pausing);
     Ok(Done::Kept(outcome, pausing))
 }
 
@@ -166,7 +167,7 @@ fn capture_paused(cfg: &Config, vm: &RunningVm, limit: Duration) -> Result<Done>
         Ok(())
     })?;
     let pausing = Pausing::For(window);
-    log_outcome(d, "capture/live", &outcome, pausing);
+    log_outcome(d, "capture/live", "paused", &outcome, pausing);
     if let Outcome::Unchanged { .. } = outcome {
         // Not logged at info otherwise: a pause is worth a line.
         log::info!(
@@ -199,12 +200,13 @@ fn capture_stopped(cfg: &Config, name: &str) -> Result<Done> {
         extra: "-".into(),
     };
     let outcome = capture::capture(cfg, &domain, &tpm, &event, &xml)?;
-    log_outcome(&domain, "capture/-", &outcome, Pausing::No);
+    log_outcome(&domain, "capture/-", "stopped", &outcome, Pausing::No);
     Ok(Done::Kept(outcome, Pausing::No))
 }
 
 /// One syslog line for a generation added; nothing at info otherwise.
-fn log_outcome(d: &Domain, event: &str, o: &Outcome, pausing: Pausing) {
+/// `state`: the VM's, as libvirt's status said when it was read.
+fn log_outcome(d: &Domain, event: &str, state: &str, o: &Outcome, pausing: Pausing) {
     let who = format!("vm={} uuid={} event={event}", d.name, d.uuid);
     match o {
         Outcome::Stored {
@@ -216,11 +218,7 @@ fn log_outcome(d: &Domain, event: &str, o: &Outcome, pausing: Pausing) {
         } => log::info!(
             "{who}: captured TPM state{} of the {} VM as generation {generation} ({files} files) in {}{}",
             if *nvram { " and NVRAM" } else { "" },
-            match (event, pausing) {
-                ("capture/live", Pausing::No) => "running",
-                ("capture/live", _) => "paused",
-                _ => "stopped",
-            },
+            sanitize(state),
             path.display(),
             pausing.note()
         ),
