@@ -16,7 +16,8 @@ PREFIX        ?= /usr
 SBINDIR       ?= $(PREFIX)/sbin
 LIBEXECDIR    ?= $(PREFIX)/libexec
 MANDIR        ?= $(PREFIX)/share/man
-# docs/monitoring.md, and examples/ (the Prometheus alert rules).
+# docs/monitoring.md, docs/backup.md, and examples/ (the Prometheus alert
+# rules, the virtnbdbackup script).
 DOCDIR        ?= $(PREFIX)/share/doc/swtpm-keeper
 SYSCONFDIR    ?= /etc
 # systemd's system unit directory (the capture timer).
@@ -64,6 +65,9 @@ install: $(BIN)
 	install -D -m 0644 docs/monitoring.md $(DESTDIR)$(DOCDIR)/monitoring.md
 	install -D -m 0644 packaging/prometheus/swtpm-keeper.rules.yml \
 	    $(DESTDIR)$(DOCDIR)/examples/swtpm-keeper.rules.yml
+	install -D -m 0644 docs/backup.md $(DESTDIR)$(DOCDIR)/backup.md
+	install -D -m 0755 packaging/examples/swtpm-keeper-virtnbdbackup \
+	    $(DESTDIR)$(DOCDIR)/examples/swtpm-keeper-virtnbdbackup
 	install -d -m 0700 $(DESTDIR)$(STOREDIR)
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	sed 's|/usr/sbin/swtpm-keeper|$(SBINDIR)/swtpm-keeper|' packaging/systemd/swtpm-keeper-capture.service \
@@ -87,6 +91,7 @@ uninstall:
 	    $(DESTDIR)$(PKGLIBEXEC)/qemu-chain
 	rm -f $(DESTDIR)$(MANDIR)/man8/swtpm-keeper.8 $(DESTDIR)$(MANDIR)/man5/swtpm-keeper.conf.5
 	rm -f $(DESTDIR)$(DOCDIR)/monitoring.md $(DESTDIR)$(DOCDIR)/examples/swtpm-keeper.rules.yml
+	rm -f $(DESTDIR)$(DOCDIR)/backup.md $(DESTDIR)$(DOCDIR)/examples/swtpm-keeper-virtnbdbackup
 	-rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null
 	-rmdir $(DESTDIR)$(PKGLIBEXEC) 2>/dev/null
 	# Remove the configuration only if it is still the shipped one.
