@@ -78,6 +78,7 @@ fn write_generation(store: &Path, i: usize, permall: &[u8], now: i64) {
         reason: "shutdown".into(),
         time: manifest::rfc3339(now - 600),
         time_unix: now - 600,
+        imported_from: None,
         host: "bench".into(),
         swtpm_keeper_version: "bench".into(),
         persistent: true,

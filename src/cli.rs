@@ -715,7 +715,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_every_command() {
+    fn parses_help_version_list_show_verify_and_restore() {
         assert_eq!(p(&["--help"]).unwrap(), Command::Help(USAGE));
         assert_eq!(p(&["--version"]).unwrap(), Command::Version);
         assert_eq!(
@@ -761,6 +761,10 @@ mod tests {
                 force: true
             }
         );
+    }
+
+    #[test]
+    fn parses_prune_by_rules_and_by_named_generations() {
         assert_eq!(
             p(&[
                 "prune",
@@ -800,6 +804,10 @@ mod tests {
                 dry_run: false
             }
         );
+    }
+
+    #[test]
+    fn parses_check_and_metrics() {
         assert_eq!(p(&["check"]).unwrap(), Command::Check { json: false });
         assert_eq!(
             p(&["check", "--json"]).unwrap(),
@@ -819,6 +827,10 @@ mod tests {
                 "{args:?}"
             );
         }
+    }
+
+    #[test]
+    fn parses_capture_with_and_without_pause() {
         assert_eq!(
             p(&["capture", "--all"]).unwrap(),
             Command::Capture {
@@ -835,6 +847,33 @@ mod tests {
                 pause: None,
             }
         );
+        assert!(p(&["capture"]).is_err(), "nothing named");
+        assert!(p(&["capture", "--all", "a"]).is_err(), "both");
+        let paused = |v: &[&str]| match p(v) {
+            Ok(Command::Capture { pause, .. }) => Ok(pause),
+            Ok(c) => panic!("{c:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(paused(&["capture", "--pause", "a"]), Ok(Some(10)));
+        assert_eq!(
+            paused(&["capture", "a", "--pause", "--pause-limit=3"]),
+            Ok(Some(3))
+        );
+        for (bad, why) in [
+            (&["capture", "--pause", "--all"][..], "never --all"),
+            (&["capture", "--pause-limit", "3", "a"], "goes with --pause"),
+            (
+                &["capture", "--pause", "--pause-limit", "0", "a"],
+                "at least 1",
+            ),
+        ] {
+            let e = paused(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn parses_export_import_and_hook() {
         assert_eq!(
             p(&["export", "vm1", "-g", "G1", "-o", "/b/vm1.tar"]).unwrap(),
             Command::Export {
@@ -867,29 +906,6 @@ mod tests {
                 force: false
             }
         );
-        assert!(p(&["capture"]).is_err(), "nothing named");
-        assert!(p(&["capture", "--all", "a"]).is_err(), "both");
-        let paused = |v: &[&str]| match p(v) {
-            Ok(Command::Capture { pause, .. }) => Ok(pause),
-            Ok(c) => panic!("{c:?}"),
-            Err(e) => Err(e.to_string()),
-        };
-        assert_eq!(paused(&["capture", "--pause", "a"]), Ok(Some(10)));
-        assert_eq!(
-            paused(&["capture", "a", "--pause", "--pause-limit=3"]),
-            Ok(Some(3))
-        );
-        for (bad, why) in [
-            (&["capture", "--pause", "--all"][..], "never --all"),
-            (&["capture", "--pause-limit", "3", "a"], "goes with --pause"),
-            (
-                &["capture", "--pause", "--pause-limit", "0", "a"],
-                "at least 1",
-            ),
-        ] {
-            let e = paused(bad).unwrap_err();
-            assert!(e.contains(why), "{bad:?}: {e}");
-        }
         match p(&["hook", "vm", "stopped", "end", "-"]).unwrap() {
             Command::Hook(h) => assert_eq!((h.name.as_str(), h.op.as_str()), ("vm", "stopped")),
             c => panic!("{c:?}"),

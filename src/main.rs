@@ -1,5 +1,7 @@
 //! Parse, start logging, dispatch, map errors to an exit code.
 
+#![deny(clippy::too_many_lines)] // as in lib.rs: 80 lines at most (clippy.toml)
+
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;

@@ -43,6 +43,10 @@ check "installed: swtpm-keeper is on PATH with its man page" sh -c "command -v s
 SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/run.sh"
 E2E=$?
 check "the end-to-end suite passes against the installed package" test $E2E = 0
+SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/backup.sh"
+check "a virtnbdbackup backup with the shipped example script carries the TPM to a new host (.deb)" test $? = 0
+SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/metrics.sh"
+check "the metrics reach node_exporter and pass promtool; a failed stop shows (.deb)" test $? = 0
 
 quiet dpkg -r swtpm-keeper || nok "dpkg -r failed"
 check "removed: the hook is gone" test ! -e /etc/libvirt/hooks/qemu.d/swtpm-keeper

@@ -47,6 +47,10 @@ check "installed: rpm -V finds every file as packaged" quiet rpm -V --nodeps swt
 
 SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/run.sh"
 check "the end-to-end suite passes against the installed .rpm" test $? = 0
+SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/backup.sh"
+check "a virtnbdbackup backup with the shipped example script carries the TPM to a new host (.rpm)" test $? = 0
+SWTPM_KEEPER_E2E_INSTALLED=1 "$HERE/metrics.sh"
+check "the metrics reach node_exporter and pass promtool; a failed stop shows (.rpm)" test $? = 0
 
 echo "# changed by the administrator" >>"$CONF"
 quiet rpm -U --replacepkgs --nodeps "$RPM" || nok "rpm -U --replacepkgs failed"
