@@ -232,10 +232,10 @@ host); for a VM that made a TPM of its own meanwhile, run
           UUID: the generation goes to that VM. Its domain.xml is then that
           VM's definition; the archive's is kept as origin-domain.xml.
           Without --to the generation goes to the archive's UUID.
---force   import despite the restore's refusals: another TPM version,
-          another <encryption secret>, another kind of state, or a state
-          taken when the VM migrated away. A VM without an emulator TPM is
-          always refused.
+--force   import despite the restore's refusals: another <encryption
+          secret>, another kind of state, or a state taken when the VM
+          migrated away. A VM without an emulator TPM, or with a TPM of
+          another version, is always refused: no start could use it.
 
 Everything is verified before the store changes: only regular files
 under one <uuid>/<generation>/, no links, devices, absolute or `..`

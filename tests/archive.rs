@@ -670,13 +670,15 @@ fn import_refuses_a_target_with_another_tpm_version_or_none_even_with_force() {
         None,
         None,
     );
-    let err = refused(&h2, &["-", "--to", "v12"], &a);
-    assert!(
-        err.contains("is a TPM 2.0 state but the domain now has a TPM 1.2")
-            && err.contains("Add --force to import it anyway"),
-        "{err}"
-    );
     for force in [&[][..], &["--force"]] {
+        let mut args = vec!["-", "--to", "v12"];
+        args.extend_from_slice(force);
+        let err = refused(&h2, &args, &a);
+        assert!(
+            err.contains("the archive holds a TPM 2.0 state, but VM v12 has a TPM 1.2")
+                && err.contains("import it into a VM with a TPM 2.0"),
+            "{err}"
+        );
         let mut args = vec!["-", "--to", "notpm"];
         args.extend_from_slice(force);
         let err = refused(&h2, &args, &a);

@@ -205,8 +205,9 @@ fn definition(path: PathBuf) -> Result<Option<Defined>> {
 
 /// The restore's rules, as the hook will apply them at the next start:
 /// the target has an emulator TPM, of the archive's version, with its
-/// encryption secret and kind of state. `--force` overrides all but the
-/// first, as for `restore`.
+/// encryption secret and kind of state. `--force` overrides the secret
+/// and the kind of state, as for `restore`; never a missing TPM or another
+/// TPM version, which no start could use.
 fn check_target(a: &Archived, t: &Defined, marked: bool, cfg: &Config, force: bool) -> Result<()> {
     let d = &t.domain;
     let Some(tpm) = &d.tpm else {
@@ -220,6 +221,19 @@ fn check_target(a: &Archived, t: &Defined, marked: bool, cfg: &Config, force: bo
             a.generation.manifest.tpm.version
         )));
     };
+    let was = a.generation.manifest.tpm.version;
+    if was != tpm.version {
+        // Not even with --force: swtpm would never read a state of the
+        // other version (other file names, other format); the hook would
+        // refuse it at every start.
+        return Err(Error::failed(format!(
+            "refusing: the archive holds a TPM {was} state, but VM {} has a TPM {}: it could \
+             never use it; import it into a VM with a TPM {was} (<backend type='emulator' \
+             version='{was}'/>)",
+            sanitize(&d.name),
+            tpm.version
+        )));
+    }
     let loc = StateLocation::of(&cfg.swtpm_dir, d, tpm);
     if let Err(r) = putback::check_rules_marked(marked, &a.generation, d, tpm, &loc) {
         if !force {
