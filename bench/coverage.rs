@@ -5,13 +5,15 @@
 //! generation. Each command is a real process, run as an operator runs it;
 //! the table gives medians. Target: `check` and `metrics` under 1 s each.
 
+#[path = "fixture.rs"]
+mod fixture;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use swtpm_keeper::domain::TpmVersion;
-use swtpm_keeper::manifest::{self, FileEntry, Manifest, Role, TpmInfo};
+use swtpm_keeper::manifest::{self, Role};
 
 const BIN: &str = env!("CARGO_BIN_EXE_swtpm-keeper");
 const TOP: &str = env!("CARGO_MANIFEST_DIR");
@@ -42,64 +44,20 @@ fn write_generation(store: &Path, i: usize, permall: &[u8], now: i64) {
     let (uuid, name) = (uuid(i), name(i));
     let vm = store.join(&uuid);
     let gname = format!("00000001-{}", manifest::compact_time(now - 600));
-    let gd = vm.join(&gname);
-    fs::create_dir_all(&gd).unwrap();
+    fs::create_dir_all(&vm).unwrap();
     fs::write(vm.join(".lock"), b"").unwrap();
     let xml = domain_xml(i);
-    let mut files = Vec::new();
-    let mut sums = Vec::new();
-    for (fname, role, bytes) in [
+    let who = fixture::Gen {
+        uuid: &uuid,
+        name: &name,
+        time_unix: now - 600,
+        persistent: true,
+    };
+    let files: [(&str, Role, &[u8]); 2] = [
         ("tpm2-00.permall", Role::Tpm, permall),
         ("domain.xml", Role::Domain, xml.as_bytes()),
-    ] {
-        let sha = manifest::sha256_hex(bytes);
-        fs::write(gd.join(fname), bytes).unwrap();
-        sums.push((fname.to_string(), sha.clone()));
-        files.push(FileEntry {
-            name: fname.into(),
-            role,
-            source: None,
-            size: bytes.len() as u64,
-            mode: "0600".into(),
-            uid: 0,
-            gid: 0,
-            owner: None,
-            group: None,
-            sha256: sha,
-            identity: None,
-        });
-    }
-    let m = Manifest {
-        format: manifest::FORMAT,
-        uuid: uuid.clone(),
-        name,
-        event: "stopped".into(),
-        sub_event: "end".into(),
-        reason: "shutdown".into(),
-        time: manifest::rfc3339(now - 600),
-        time_unix: now - 600,
-        imported_from: None,
-        host: "bench".into(),
-        swtpm_keeper_version: "bench".into(),
-        persistent: true,
-        domain_xml_from: "hook-stdin".into(),
-        tpm: TpmInfo {
-            version: TpmVersion::V2_0,
-            model: "tpm-crb".into(),
-            state_type: "dir".into(),
-            state_path: format!("/var/lib/libvirt/swtpm/{uuid}/tpm2"),
-            encryption_secret: None,
-            header_flags: 0,
-        },
-        nvram: None,
-        files,
-        live: false,
-        vm_state: None,
-    };
-    let mj = m.to_json();
-    fs::write(gd.join(manifest::MANIFEST), &mj).unwrap();
-    sums.push((manifest::MANIFEST.into(), manifest::sha256_hex(&mj)));
-    fs::write(gd.join(manifest::SUMS), manifest::sums_file(&sums)).unwrap();
+    ];
+    fixture::write_generation(&vm.join(&gname), &who, &files);
 }
 
 /// A host of `n` VMs under `dir`; returns its configuration file.

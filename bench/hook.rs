@@ -4,6 +4,9 @@
 //! by its name in qemu.d/, libvirt's four arguments, the XML on stdin.
 //! Prints a table; docs/performance.md records a run and how to read it.
 
+#[path = "fixture.rs"]
+mod fixture;
+
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -11,8 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use swtpm_keeper::domain::TpmVersion;
-use swtpm_keeper::manifest::{self, FileEntry, Manifest, Role, TpmInfo};
+use swtpm_keeper::manifest::Role;
 use swtpm_keeper::store;
 
 const HOOK_BIN: &str = env!("CARGO_BIN_EXE_swtpm-keeper");
@@ -670,82 +672,22 @@ fn build_store(root: &Path, vms: usize, gens: usize) {
 fn write_generations(vm: &Path, uuid: &str, name: &str, gens: usize) {
     let permall =
         fs::read(Path::new(TOP).join("tests/fixtures/libvirt-9.0/tpm2-00.permall.plain")).unwrap();
-    let permall_sha = manifest::sha256_hex(&permall);
     fs::create_dir_all(vm).unwrap();
     fs::write(vm.join(".lock"), b"").unwrap();
     let xml = format!("<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid></domain>\n");
     for g in 0..gens {
         let gname = format!("{:08}-20261101T{:02}0000Z", g + 1, g);
-        let gd = vm.join(&gname);
-        fs::create_dir(&gd).unwrap();
-        let mut files = Vec::new();
-        let mut sums = Vec::new();
-        for (fname, role, bytes, sha) in [
-            (
-                "tpm2-00.permall",
-                Role::Tpm,
-                permall.as_slice(),
-                permall_sha.clone(),
-            ),
-            (
-                "domain.xml",
-                Role::Domain,
-                xml.as_bytes(),
-                manifest::sha256_hex(xml.as_bytes()),
-            ),
-            (
-                "domain-live.xml",
-                Role::DomainLive,
-                xml.as_bytes(),
-                manifest::sha256_hex(xml.as_bytes()),
-            ),
-        ] {
-            fs::write(gd.join(fname), bytes).unwrap();
-            sums.push((fname.to_string(), sha.clone()));
-            files.push(FileEntry {
-                name: fname.into(),
-                role,
-                source: None,
-                size: bytes.len() as u64,
-                mode: "0600".into(),
-                uid: 0,
-                gid: 0,
-                owner: None,
-                group: None,
-                sha256: sha,
-                identity: None,
-            });
-        }
-        let m = Manifest {
-            format: manifest::FORMAT,
-            uuid: uuid.to_owned(),
-            name: name.to_owned(),
-            event: "stopped".into(),
-            sub_event: "end".into(),
-            reason: "-".into(),
-            time: "2026-11-01T00:00:00Z".into(),
+        let who = fixture::Gen {
+            uuid,
+            name,
             time_unix: 1_793_491_200 + g as i64,
-            host: "bench".into(),
-            swtpm_keeper_version: "bench".into(),
             persistent: false,
-            domain_xml_from: "hook-stdin".into(),
-            tpm: TpmInfo {
-                version: TpmVersion::V2_0,
-                model: "tpm-crb".into(),
-                state_type: "dir".into(),
-                state_path: format!("/var/lib/libvirt/swtpm/{uuid}/tpm2"),
-                encryption_secret: None,
-                header_flags: 0,
-            },
-            nvram: None,
-            files,
-            live: false,
-            vm_state: None,
-            imported_from: None,
         };
-        let mj = m.to_json();
-        fs::write(gd.join(manifest::MANIFEST), &mj).unwrap();
-        sums.push((manifest::MANIFEST.into(), manifest::sha256_hex(&mj)));
-        fs::write(gd.join(manifest::SUMS), manifest::sums_file(&sums)).unwrap();
+        let files: [(&str, Role, &[u8]); 3] = [
+            ("tpm2-00.permall", Role::Tpm, &permall),
+            ("domain.xml", Role::Domain, xml.as_bytes()),
+            ("domain-live.xml", Role::DomainLive, xml.as_bytes()),
+        ];
+        fixture::write_generation(&vm.join(&gname), &who, &files);
     }
 }

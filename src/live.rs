@@ -214,13 +214,7 @@ fn read_quiet<T>(
     if now - last_write < QUIET.as_secs() as i64 {
         return None;
     }
-    let d = fsutil::read_regular(f, r.path, r.max).ok()?;
-    let after = fsutil::fstat(f).ok()?;
-    if Identity::of(&before) != Identity::of(&after) {
-        return None;
-    }
-    let t = check(&d.bytes).ok()?;
-    Some((d, t))
+    read_unchanged(f, r, check, &before)
 }
 
 /// One read of a paused VM's file: its vCPUs are stopped, so the guest
@@ -234,9 +228,20 @@ fn read_unwritten<T>(
     check: &impl Fn(&[u8]) -> std::result::Result<T, String>,
 ) -> Option<(FileData, T)> {
     let before = fsutil::fstat(f).ok()?;
+    read_unchanged(f, r, check, &before)
+}
+
+/// One read, kept only if the file's identity after it is `before`'s and
+/// its bytes pass `check`.
+fn read_unchanged<T>(
+    f: &mut File,
+    r: &FileRead,
+    check: &impl Fn(&[u8]) -> std::result::Result<T, String>,
+    before: &libc::stat,
+) -> Option<(FileData, T)> {
     let d = fsutil::read_regular(f, r.path, r.max).ok()?;
     let after = fsutil::fstat(f).ok()?;
-    if Identity::of(&before) != Identity::of(&after) {
+    if Identity::of(before) != Identity::of(&after) {
         return None;
     }
     let t = check(&d.bytes).ok()?;

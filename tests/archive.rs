@@ -1107,18 +1107,7 @@ fn an_archive_over_max_generation_size_is_refused_before_its_rest_is_read() {
 
 #[test]
 fn every_0_1_0_generation_exports_and_imports_into_an_empty_store() {
-    let h = Host::new("archive-compat");
-    std::fs::create_dir_all(&h.store).unwrap();
-    let tarball =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-0.1.0/store.tar.gz");
-    let st = Command::new("tar")
-        .arg("-xzf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&h.store)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let h = host_with_0_1_0_store("archive-compat");
     let h2 = Host::new("archive-compat-2");
     let mut n = 0;
     for uuid in dir_names(&h.store) {

@@ -6,31 +6,11 @@
 mod common;
 use common::*;
 
-use std::path::Path;
-use std::process::Command;
-
 const WIN11: &str = "7b630d45-19ba-4293-a757-82b65928a6f6"; // Win11 profile, NVRAM
 const PLAIN: &str = "b4a5e001-0000-4000-8000-00000000b001"; // two generations
 const ENCRYPTED: &str = "b4a5e001-0000-4000-8000-00000000b003";
 const TPM12: &str = "b4a5e001-0000-4000-8000-00000000f002";
 const UNICODE: &str = "c0ffee00-0000-4000-8000-000000000001"; // "swk probe ü 1"
-
-/// A host whose store is the unpacked 0.1.0 store.
-fn host_with_0_1_0_store(test: &str) -> Host {
-    let h = Host::new(test);
-    std::fs::create_dir_all(&h.store).unwrap();
-    let tarball =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-0.1.0/store.tar.gz");
-    let st = Command::new("tar")
-        .arg("-xzf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&h.store)
-        .status()
-        .unwrap();
-    assert!(st.success(), "tar -xzf {}", tarball.display());
-    h
-}
 
 fn text(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()

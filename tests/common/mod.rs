@@ -436,3 +436,20 @@ impl Drop for FcntlHolder {
         let _ = self.0.wait();
     }
 }
+
+/// A host whose store is the unpacked 0.1.0 store.
+pub fn host_with_0_1_0_store(test: &str) -> Host {
+    let h = Host::new(test);
+    std::fs::create_dir_all(&h.store).unwrap();
+    let tarball = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/store-0.1.0/store.tar.gz");
+    let st = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&h.store)
+        .status()
+        .unwrap();
+    assert!(st.success(), "tar -xzf {}", tarball.display());
+    h
+}
