@@ -117,7 +117,8 @@ check:
 # part of `check` (figures in docs/reliability.md). Narrow it with e.g.
 # `make mutants MUTANTS_FILES=src/swtpm.rs MUTANTS_TEST_ARGS="--lib --test cli"`.
 MUTANTS_FILES ?= src/store.rs src/putback.rs src/manifest.rs src/swtpm.rs \
-                 src/lock.rs src/fsutil.rs src/capture.rs
+                 src/lock.rs src/fsutil.rs src/capture.rs src/archive.rs \
+                 src/failure.rs src/coverage.rs src/commands/metrics.rs
 MUTANTS_JOBS  ?= 1
 MUTANTS_TEST_ARGS ?=
 mutants:
