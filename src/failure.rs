@@ -363,11 +363,27 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(reason(read(&cfg, &u())), "new");
+        // The other way round, and a tie: the newer one, else run_dir's.
+        std::fs::write(run_record_path(&cfg, &u()), &new).unwrap();
+        std::fs::write(vm.join(MARKER), &old).unwrap();
+        assert_eq!(reason(read(&cfg, &u())), "new");
+        let tie = Failure::new("vm", "stopped", "tie", 200).to_json();
+        std::fs::write(vm.join(MARKER), &tie).unwrap();
+        assert_eq!(reason(read(&cfg, &u())), "new");
+        std::fs::write(run_record_path(&cfg, &u()), &old).unwrap();
         std::fs::write(vm.join(MARKER), b"{not json").unwrap();
         assert_eq!(reason(read(&cfg, &u())), "old");
         std::fs::remove_file(run_record_path(&cfg, &u())).unwrap();
         match read(&cfg, &u()) {
             Some(Remembered::Damaged { path, .. }) => assert!(path.ends_with(MARKER), "{path}"),
+            other => panic!("{other:?}"),
+        }
+        // A record of a later format is not read as this one.
+        let mut later = Failure::new("vm", "stopped", "later", 300);
+        later.format = FORMAT + 1;
+        std::fs::write(vm.join(MARKER), later.to_json()).unwrap();
+        match read(&cfg, &u()) {
+            Some(Remembered::Damaged { error, .. }) => assert!(error.contains("newer"), "{error}"),
             other => panic!("{other:?}"),
         }
         let _ = std::fs::remove_dir_all(cfg.store_dir.parent().unwrap());

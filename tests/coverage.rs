@@ -323,6 +323,10 @@ fn a_secret_libvirt_does_not_define_is_a_fix() {
         .find(|l| l.starts_with("FIX  VM efitest names <encryption secret="))
         .unwrap_or_else(|| panic!("{t}"));
     assert!(line.contains(SECRET_OLD), "{line}");
+    assert!(
+        t.contains("protected 0, stale 0, never captured 0, failing 0, secret problems 1"),
+        "{t}"
+    );
     let (_, v) = check_json(&h);
     let vm = vm_json(&v, UUID_EFI);
     assert_eq!(
@@ -455,4 +459,184 @@ fn a_transient_vm_whose_stop_failed_stays_in_check_after_libvirt_forgot_it() {
     let (_, v) = check_json(&h);
     assert!(v["vms"].as_array().unwrap().is_empty(), "{v:#}");
     assert_eq!(v["store"]["vms"], 1);
+}
+
+/// The transient fixture VM stopped once with a good state (a generation),
+/// then once with a state that fails to capture (remembered).
+fn gone_after_a_failed_stop(h: &Host) {
+    h.put_state(
+        UUID_TRANS,
+        &[("tpm2-00.permall", &fixture("tpm2-00.permall.plain"))],
+    );
+    assert_ok(&h.stop_transient());
+    h.put_state(UUID_TRANS, &[("tpm2-00.permall", b"not a swtpm blob")]);
+    assert_ok(&h.stop_transient());
+}
+
+/// The line `check` prints for the transient VM libvirt forgot.
+fn gone_line(t: &str) -> String {
+    t.lines()
+        .find(|l| l.contains(&format!("({UUID_TRANS}), which libvirt no longer")))
+        .unwrap_or_else(|| panic!("{t}"))
+        .to_owned()
+}
+
+#[test]
+fn a_gone_vms_failure_kept_only_in_the_store_is_still_checked_after_a_reboot() {
+    let h = host("cov-gone-reboot", "");
+    gone_after_a_failed_stop(&h);
+    // run_dir is a tmpfs: after a reboot only the store's copy is left.
+    std::fs::remove_dir_all(h.run_dir().join("failures")).unwrap();
+    let (code, t) = check(&h);
+    assert_eq!(code, 1, "{t}");
+    assert!(gone_line(&t).starts_with("FIX  VM tpmtrans ("), "{t}");
+}
+
+#[test]
+fn a_gone_vm_is_named_from_its_newest_generation_when_its_failure_record_names_none() {
+    let h = host("cov-gone-name", "");
+    gone_after_a_failed_stop(&h);
+    let records = [
+        h.run_dir().join(format!("failures/{UUID_TRANS}.json")),
+        h.vm_store(UUID_TRANS).join("capture-failed.json"),
+    ];
+    // A record without the VM's name (its field is optional).
+    for r in &records {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(r).unwrap()).unwrap();
+        v["name"] = serde_json::Value::String(String::new());
+        std::fs::write(r, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+    let (_, t) = check(&h);
+    assert!(gone_line(&t).starts_with("FIX  VM tpmtrans ("), "{t}");
+    // Records that cannot be read at all: the name still comes from the store.
+    for r in &records {
+        std::fs::write(r, b"{ damaged").unwrap();
+    }
+    let (code, t) = check(&h);
+    assert_eq!(code, 1, "{t}");
+    assert!(gone_line(&t).starts_with("FIX  VM tpmtrans ("), "{t}");
+}
+
+#[test]
+fn a_running_vm_without_a_tpm_is_not_counted() {
+    let h = host("cov-notpm", "");
+    let xml = String::from_utf8(fixture("tpm2-transient.stopped.xml")).unwrap();
+    let (a, b) = (xml.find("<tpm").unwrap(), xml.find("</tpm>").unwrap());
+    let without = format!("{}{}", &xml[..a], &xml[b + "</tpm>".len()..]);
+    let me = std::process::id();
+    std::fs::write(
+        h.root.join("run-libvirt/tpmtrans.xml"),
+        format!(
+            "<domstatus state='running' reason='booted' pid='{me}'>\n{without}\n</domstatus>\n"
+        ),
+    )
+    .unwrap();
+    let (_, t) = check(&h);
+    assert!(!t.contains("VM tpmtrans"), "{t}");
+    assert!(t.contains("VMs with a TPM: 0,"), "{t}");
+}
+
+#[test]
+fn no_libvirt_config_dir_is_no_problem_but_an_unreadable_one_is_said() {
+    let h = host("cov-confdir", "");
+    std::fs::remove_dir_all(&h.etc_qemu).unwrap();
+    let (_, t) = check(&h);
+    assert!(!t.contains("not covered"), "{t}");
+    // A file where the directory should be: read_dir fails otherwise.
+    std::fs::write(&h.etc_qemu, b"").unwrap();
+    let (_, t) = check(&h);
+    let want = format!("warn cannot read directory {}", h.etc_qemu.display());
+    assert!(
+        t.contains(&want) && t.contains("VMs in it are not covered"),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_vm_whose_part_of_the_store_cannot_be_read_is_a_fix_that_says_why() {
+    let h = host("cov-unreadable", "");
+    defined_trans(&h);
+    // Its lock cannot be opened: a directory where the lock file goes.
+    std::fs::create_dir_all(h.vm_store(UUID_TRANS).join(".lock")).unwrap();
+    let (code, t) = check(&h);
+    assert_eq!(code, 1, "{t}");
+    assert!(
+        t.contains("FIX  VM tpmtrans: cannot read its part of the store:"),
+        "{t}"
+    );
+    assert!(
+        t.contains("VMs with a TPM: 1, protected 0, stale 0, never captured 0, failing 1"),
+        "{t}"
+    );
+}
+
+/// The transient VM defined, with two generations of its TPM state.
+fn two_generations(h: &Host) -> Vec<String> {
+    defined_trans(h);
+    let plain = fixture("tpm2-00.permall.plain");
+    assert_ok(&h.stop_transient());
+    let mut other = plain.clone();
+    other[200] ^= 1;
+    h.put_state(UUID_TRANS, &[("tpm2-00.permall", &other)]);
+    assert_ok(&h.stop_transient());
+    let gens = h.generations(UUID_TRANS);
+    assert_eq!(gens.len(), 2, "{gens:?}");
+    gens
+}
+
+#[test]
+fn a_newest_generation_with_a_file_of_another_size_is_not_good_and_the_older_one_counts() {
+    let h = host("cov-size", "");
+    let gens = two_generations(&h);
+    let (_, t) = check(&h);
+    assert!(
+        t.contains(&format!("ok   VM tpmtrans: newest capture {}", gens[1])),
+        "{t}"
+    );
+    let permall = h
+        .vm_store(UUID_TRANS)
+        .join(&gens[1])
+        .join("tpm2-00.permall");
+    let bytes = std::fs::read(&permall).unwrap();
+    std::fs::write(&permall, &bytes[..bytes.len() - 1]).unwrap();
+    let (_, t) = check(&h);
+    assert!(
+        t.contains(&format!("ok   VM tpmtrans: newest capture {}", gens[0])),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_newest_generation_whose_manifest_lists_no_tpm_state_is_not_good() {
+    let h = host("cov-notpmfile", "");
+    let gens = two_generations(&h);
+    let path = h.vm_store(UUID_TRANS).join(&gens[1]).join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for f in m["files"].as_array_mut().unwrap() {
+        if f["role"] == "tpm" {
+            f["role"] = serde_json::Value::String("domain".into());
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let (_, t) = check(&h);
+    assert!(
+        t.contains(&format!("ok   VM tpmtrans: newest capture {}", gens[0])),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_gone_vms_failure_remembered_in_run_dir_alone_is_still_checked() {
+    let h = host("cov-gone-rundir", "");
+    h.put_state(UUID_TRANS, &[("tpm2-00.permall", b"not a swtpm blob")]);
+    assert_ok(&h.stop_transient());
+    // The store has nothing of it (another store, or one wiped): only the
+    // record in run_dir knows of the failure.
+    let _ = std::fs::remove_dir_all(h.vm_store(UUID_TRANS));
+    let (code, t) = check(&h);
+    assert_eq!(code, 1, "{t}");
+    assert!(
+        gone_line(&t).contains("the store holds nothing for it"),
+        "{t}"
+    );
 }
