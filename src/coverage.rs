@@ -8,8 +8,7 @@
 //! this VM, lists a TPM state file, and whose listed files are all there
 //! with their listed sizes. `verify` reads and checksums every byte.
 
-use std::collections::{BTreeMap, HashSet};
-use std::os::unix::fs::MetadataExt;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
@@ -17,6 +16,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::domain::{Domain, Uuid};
 use crate::failure::{self, Remembered};
+use crate::inventory;
 use crate::live::Seen;
 use crate::manifest::{self, Manifest, Role};
 use crate::running;
@@ -277,19 +277,18 @@ fn newest_of(generation: String, m: Manifest) -> Newest {
 /// Every VM with an emulator TPM in libvirt's config and status files.
 fn libvirt_vms(cfg: &Config, problems: &mut Vec<String>) -> BTreeMap<Uuid, Libvirt> {
     let mut vms: BTreeMap<Uuid, Libvirt> = BTreeMap::new();
-    for path in xml_files(&cfg.libvirt_config_dir, problems) {
-        let parsed = std::fs::read(&path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))
-            .and_then(|b| {
-                Domain::parse(&b).map_err(|e| format!("cannot read {}: {e}", path.display()))
-            });
-        match parsed {
-            Ok(d) if d.tpm.is_some() => {
+    let files = inventory::xml_files(&cfg.libvirt_config_dir).unwrap_or_else(|e| {
+        problems.push(e.to_string());
+        Vec::new()
+    });
+    for path in files {
+        match inventory::read_domain_file(&path) {
+            Ok(Some((_, d))) if d.tpm.is_some() => {
                 let uuid = d.uuid.clone();
                 vms.entry(uuid).or_default().config = Some(d);
             }
             Ok(_) => {}
-            Err(why) => problems.push(why),
+            Err(e) => problems.push(e.to_string()),
         }
     }
     let names = running::names(&cfg.libvirt_run_dir).unwrap_or_else(|e| {
@@ -311,26 +310,6 @@ fn libvirt_vms(cfg: &Config, problems: &mut Vec<String>) -> BTreeMap<Uuid, Libvi
     vms
 }
 
-/// The `*.xml` files directly in `dir`, sorted; none when it is missing.
-fn xml_files(dir: &Path, problems: &mut Vec<String>) -> Vec<std::path::PathBuf> {
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-        Err(e) => {
-            problems.push(format!("cannot read directory {}: {e}", dir.display()));
-            return Vec::new();
-        }
-    };
-    let mut v: Vec<_> = rd
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "xml"))
-        .collect();
-    v.sort();
-    v
-}
-
 /// What the store holds for `uuid`, under a shared lock (a capture holds
 /// the exclusive one for milliseconds).
 fn held_by(cfg: &Config, store: &Store, uuid: &Uuid) -> Held {
@@ -338,7 +317,7 @@ fn held_by(cfg: &Config, store: &Store, uuid: &Uuid) -> Held {
         let gens = vm.generations()?;
         Ok(Held {
             generations: gens.len(),
-            bytes: held_bytes(vm.dir(), &gens),
+            bytes: vm.bytes_held(&gens),
             newest: newest_good(&vm, uuid, &gens),
             error: None,
         })
@@ -347,24 +326,6 @@ fn held_by(cfg: &Config, store: &Store, uuid: &Uuid) -> Held {
         error: Some(e.to_string()),
         ..Held::default()
     })
-}
-
-/// The bytes of every file of `gens`, each inode once: an unchanged NVRAM
-/// is linked from one generation into the next.
-fn held_bytes(dir: &Path, gens: &[String]) -> u64 {
-    let mut seen = HashSet::new();
-    let mut total = 0;
-    for g in gens {
-        let Ok(rd) = std::fs::read_dir(dir.join(g)) else {
-            continue;
-        };
-        for md in rd.filter_map(|e| e.ok()?.metadata().ok()) {
-            if seen.insert((md.dev(), md.ino())) {
-                total += md.len();
-            }
-        }
-    }
-    total
 }
 
 /// The newest generation that is good (see the module's comment).

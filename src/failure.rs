@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::domain::{Domain, Uuid};
 use crate::error::Result;
-use crate::fsutil::{self, Dir, Rename};
+use crate::fsutil::{self, Dir};
 use crate::manifest;
 use crate::store::Store;
 use crate::users;
@@ -162,10 +162,7 @@ fn write_run_record(run_dir: &Path, uuid: &Uuid, bytes: &[u8]) -> Result<()> {
     fsutil::ensure_dir(run_dir, 0o755)?;
     let dir = fsutil::ensure_dir(&failures_dir(run_dir), 0o700)?;
     let tmp = format!(".{uuid}.json.{}", std::process::id());
-    let _ = dir.remove_file(&tmp);
-    dir.write_new(&tmp, bytes, 0o600, None)?;
-    dir.rename(&tmp, &format!("{uuid}.json"), Rename::Replace)?;
-    dir.sync()
+    dir.replace(&format!("{uuid}.json"), &tmp, bytes, 0o600)
 }
 
 /// The store's copy, only where the VM already has a directory (a

@@ -285,6 +285,29 @@ pub fn list_dir(dir: &File, path: &Path) -> Result<Vec<OsString>> {
     Ok(names)
 }
 
+/// `Dir::replace` of the file `path` names (relative to the current
+/// directory), through `.NAME.tmp-PID` beside it: the pid keeps two
+/// writers off one temporary. Returns the absolute path written.
+pub fn replace_at(path: &Path, data: &[u8], mode: u32) -> Result<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir()
+            .ctx("find the current directory for", path)?
+            .join(path)
+    };
+    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name().and_then(|n| n.to_str()))
+    else {
+        return Err(Error::failed(format!(
+            "cannot write {}: name a file",
+            path.display()
+        )));
+    };
+    let tmp = format!(".{name}.tmp-{}", std::process::id());
+    Dir::open(parent)?.replace(name, &tmp, data, mode)?;
+    Ok(abs)
+}
+
 /// mkdir with a mode, fine if it exists as a directory (not a symlink);
 /// either way its parent is synced, so the directory persists
 /// (`Dir::ensure_subdir`). The path is opened as `Dir::open` does.
@@ -466,6 +489,23 @@ impl Dir {
             f.sync_all().ctx("fsync", &p)?;
         }
         Ok(())
+    }
+
+    /// Put `data` at `name` whole, replacing what is there: written as
+    /// `tmp` (a stale one of that name removed first), fsynced, renamed
+    /// over `name`, the directory fsynced. A reader sees the old file or
+    /// the new one; a failure removes `tmp`.
+    pub fn replace(&self, name: &str, tmp: &str, data: &[u8], mode: u32) -> Result<()> {
+        self.remove_file(tmp)?;
+        let written = self.write_new(tmp, data, mode, None).and_then(|()| {
+            failpoint::hit("replace-before-rename");
+            self.rename(tmp, name, Rename::Replace)
+        });
+        if let Err(e) = written {
+            let _ = self.remove_file(tmp);
+            return Err(e);
+        }
+        self.sync()
     }
 
     pub fn chown_chmod(&self, owner: Option<(u32, u32)>, mode: u32) -> Result<()> {

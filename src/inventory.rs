@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::domain::{Domain, Uuid};
+use crate::domain::{Domain, Uuid, MAX_XML_BYTES};
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, Role};
 use crate::marks;
@@ -21,11 +21,45 @@ pub fn libvirt_definition(cfg: &Config, name: &str, uuid: &str) -> Option<(PathB
         return None;
     }
     let path = cfg.libvirt_config_dir.join(format!("{name}.xml"));
-    let bytes = std::fs::read(&path).ok()?;
-    match Domain::parse(&bytes) {
-        Ok(d) if d.uuid == uuid => Some((path, d)),
+    match read_domain_file(&path) {
+        Ok(Some((_, d))) if d.uuid == uuid => Some((path, d)),
         _ => None,
     }
+}
+
+/// A domain XML file of libvirt's, read within `MAX_XML_BYTES` and
+/// parsed, with its bytes; None when there is no such file.
+pub fn read_domain_file(path: &Path) -> Result<Option<(Vec<u8>, Domain)>> {
+    use std::io::Read;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("open", path, e)),
+    };
+    let mut xml = Vec::new();
+    f.take(MAX_XML_BYTES as u64 + 1)
+        .read_to_end(&mut xml)
+        .map_err(|e| Error::io("read", path, e))?;
+    let domain = Domain::parse(&xml).map_err(|e| e.context(path.display()))?;
+    Ok(Some((xml, domain)))
+}
+
+/// The `*.xml` files directly in libvirt's directory `dir`, sorted; none
+/// when it is missing.
+pub fn xml_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("read directory", dir, e)),
+    };
+    let mut v: Vec<_> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "xml"))
+        .collect();
+    v.sort();
+    Ok(v)
 }
 
 /// The name recorded in a VM's newest readable manifest.
@@ -127,17 +161,6 @@ pub struct VmSummary {
     pub failure: Option<crate::failure::Remembered>,
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 /// The generation named in `migrated-away.json`, if it is the newest
 /// or newer: the VM's TPM lives on elsewhere.
 pub fn migrated_away(vm: &VmStore, newest: Option<&str>) -> Option<String> {
@@ -151,7 +174,7 @@ pub fn summary(cfg: &Config, vm: &VmStore, uuid: &str) -> Result<VmSummary> {
         .as_ref()
         .map(|(_, m)| m.name.clone())
         .unwrap_or_default();
-    let total_bytes = gens.iter().map(|g| dir_bytes(&vm.dir().join(g))).sum();
+    let total_bytes = vm.bytes_held(&gens);
     let migrated = migrated_away(vm, gens.last().map(String::as_str)).is_some();
     Ok(VmSummary {
         uuid: uuid.to_owned(),

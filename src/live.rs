@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{self, Dir, FileData, Identity, Rename};
+use crate::fsutil::{self, Dir, FileData, Identity};
 
 /// One attempt at reading a file that may be changing.
 pub enum Attempt {
@@ -301,15 +301,10 @@ impl Seen {
     pub fn save(&self, run_dir: &Path, uuid: &str) -> Result<()> {
         fsutil::ensure_dir(run_dir, 0o755)?;
         fsutil::ensure_dir(&seen_dir(run_dir), 0o700)?;
-        let dir = Dir::open(&seen_dir(run_dir))?;
-        let tmp = format!(".{uuid}.json.{}", std::process::id());
-        let _ = dir.remove_entry(&tmp);
         let bytes = serde_json::to_vec(self).expect("serializes");
-        dir.write_new(&tmp, &bytes, 0o600, None)?;
-        dir.rename(&tmp, &format!("{uuid}.json"), Rename::Replace)?;
-        // On tmpfs this costs nothing; it keeps the one rule of every
-        // write (tests/durability.rs) true here too.
-        dir.sync()
+        let tmp = format!(".{uuid}.json.{}", std::process::id());
+        // Synced like every write, though on tmpfs: tests/durability.rs.
+        Dir::open(&seen_dir(run_dir))?.replace(&format!("{uuid}.json"), &tmp, &bytes, 0o600)
     }
 }
 

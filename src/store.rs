@@ -154,6 +154,25 @@ impl VmStore {
         })
     }
 
+    /// The bytes the files of `gens` hold, each inode once: an unchanged
+    /// NVRAM is linked from one generation into the next.
+    pub fn bytes_held(&self, gens: &[String]) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for g in gens {
+            let Ok(rd) = std::fs::read_dir(self.dir.join(g)) else {
+                continue;
+            };
+            for md in rd.filter_map(|e| e.ok()?.metadata().ok()) {
+                if seen.insert((md.dev(), md.ino())) {
+                    total += md.len();
+                }
+            }
+        }
+        total
+    }
+
     /// Complete generations, oldest first.
     pub fn generations(&self) -> Result<Vec<String>> {
         let mut v: Vec<String> = std::fs::read_dir(&self.dir)
@@ -670,13 +689,8 @@ impl VmStore {
     /// Small per-VM records (`migrated-away.json`, `incoming-<host>.json`,
     /// `protected.json`, `capture-failed.json`), replaced atomically.
     pub fn write_marker(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let vm = self.writer()?;
         let tmp = leftover::name(TMP_PREFIX, name);
-        let _ = vm.remove_file(&tmp);
-        vm.write_new(&tmp, bytes, 0o600, None)?;
-        failpoint::hit("marker-before-rename");
-        vm.rename(&tmp, name, Rename::Replace)?;
-        vm.sync()
+        self.writer()?.replace(name, &tmp, bytes, 0o600)
     }
 
     pub fn read_marker(&self, name: &str) -> Option<Vec<u8>> {

@@ -145,7 +145,7 @@ fn a_crash_at_any_step_of_a_restore_leaves_libvirts_path_untouched_or_complete()
         "restore-dir-half-written",
         "restore-before-rename",
         "restore-after-exchange",
-        "marker-before-rename",
+        "replace-before-rename",
     ] {
         let h = Host::new(&format!("fprestore-{fp}"));
         let xml = xml.replace("/var/lib/libvirt/qemu/nvram", h.nvram_dir.to_str().unwrap());
@@ -160,7 +160,7 @@ fn a_crash_at_any_step_of_a_restore_leaves_libvirts_path_untouched_or_complete()
             std::fs::remove_dir_all(h.swtpm.join(UUID_EFI)).unwrap();
         }
         std::fs::remove_file(h.nvram_path()).unwrap();
-        let (op, sub) = if fp == "marker-before-rename" {
+        let (op, sub) = if fp == "replace-before-rename" {
             ("migrate", "begin")
         } else {
             ("prepare", "begin")

@@ -2,13 +2,13 @@
 //! generation as a tar archive (`archive`), for backup tools.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::archive;
 use crate::config::Config;
 use crate::domain::Uuid;
 use crate::error::{Error, Result};
-use crate::fsutil::{Dir, Rename};
+use crate::fsutil;
 use crate::inventory;
 use crate::logging::sanitize;
 use crate::putback;
@@ -54,7 +54,8 @@ pub fn run(
     match file {
         None => archive::write_all(out, &bytes)?,
         Some(p) => {
-            let path = write_file(p, &bytes)?;
+            // Mode 0600: it holds TPM secrets.
+            let path = fsutil::replace_at(p, &bytes, archive::FILE_MODE)?;
             writeln!(
                 out,
                 "{} exported {} ({uuid}) to {}",
@@ -112,38 +113,6 @@ fn pick(cfg: &Config, vm: &VmStore, uuid: &Uuid, generation: Option<&str>) -> Re
             "generation {g} of VM {uuid} fails verification: {why}; nothing exported. {good}"
         ))
     })
-}
-
-/// Write `bytes` to `path` as the store writes: a temporary beside it,
-/// fsynced, renamed over it, the directory fsynced. Mode 0600: it holds
-/// TPM secrets. Returns the path written.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
-    let abs = if path.is_absolute() {
-        path.to_owned()
-    } else {
-        let cwd = std::env::current_dir()
-            .map_err(|e| Error::failed(format!("cannot find the current directory: {e}")))?;
-        cwd.join(path)
-    };
-    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name().and_then(|n| n.to_str()))
-    else {
-        return Err(Error::failed(format!(
-            "cannot write {}: name a file (-o FILE)",
-            path.display()
-        )));
-    };
-    let dir = Dir::open(parent)?;
-    let tmp = format!(".{name}.tmp-{}", std::process::id());
-    dir.remove_file(&tmp)?;
-    let written = dir
-        .write_new(&tmp, bytes, archive::FILE_MODE, None)
-        .and_then(|()| dir.rename(&tmp, name, Rename::Replace));
-    if let Err(e) = written {
-        let _ = dir.remove_file(&tmp);
-        return Err(e);
-    }
-    dir.sync()?;
-    Ok(abs)
 }
 
 #[cfg(test)]

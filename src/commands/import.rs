@@ -3,13 +3,14 @@
 //! one. Everything is checked before the store changes; libvirt's files
 //! are never touched (the next start restores it, or `restore`).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use crate::archive::{self, Archived};
 use crate::config::Config;
-use crate::domain::{Domain, Uuid, MAX_XML_BYTES};
+use crate::domain::{Domain, Uuid};
 use crate::error::{Error, Result};
+use crate::inventory;
 use crate::logging::sanitize;
 use crate::manifest::{self, FileEntry, Manifest, Origin, Role};
 use crate::marks;
@@ -166,18 +167,7 @@ fn defined(cfg: &Config, arg: &str) -> Result<Option<Defined>> {
         let path = dir.join(format!("{arg}.xml"));
         return Ok(definition(path)?.filter(|d| d.domain.name == arg));
     };
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("read directory", dir, e)),
-    };
-    let mut paths: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "xml"))
-        .collect();
-    paths.sort();
-    for p in paths {
+    for p in inventory::xml_files(dir)? {
         // Another file that is no domain of ours does not stop the search.
         if let Ok(Some(d)) = definition(p) {
             if d.domain.uuid == uuid {
@@ -190,17 +180,8 @@ fn defined(cfg: &Config, arg: &str) -> Result<Option<Defined>> {
 
 /// The definition in `path`, if it is a file there.
 fn definition(path: PathBuf) -> Result<Option<Defined>> {
-    let f = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("open", &path, e)),
-    };
-    let mut xml = Vec::new();
-    f.take(MAX_XML_BYTES as u64 + 1)
-        .read_to_end(&mut xml)
-        .map_err(|e| Error::io("read", &path, e))?;
-    let domain = Domain::parse(&xml).map_err(|e| e.context(path.display()))?;
-    Ok(Some(Defined { path, xml, domain }))
+    let read = inventory::read_domain_file(&path)?;
+    Ok(read.map(|(xml, domain)| Defined { path, xml, domain }))
 }
 
 /// The restore's rules, as the hook will apply them at the next start:

@@ -12,7 +12,7 @@ use std::path::Path;
 use crate::config::Config;
 use crate::coverage::{self, Found, VmCoverage};
 use crate::error::{Error, Result};
-use crate::fsutil::{Dir, Rename};
+use crate::fsutil;
 
 /// One VM's series.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -170,37 +170,10 @@ pub fn render(s: &Snapshot) -> String {
 }
 
 /// Replace `path` with `text`, readable by the collector (0644, whatever
-/// the umask: the capture service runs with UMask=0077). The temporary is
-/// named so that the collector, which reads `*.prom`, never takes it, and
-/// by our pid, so that two writers never write one temporary.
+/// the umask: the capture service runs with UMask=0077). The temporary
+/// (`.NAME.tmp-PID`) does not end in `.prom`: the collector never takes it.
 pub fn write_file(path: &Path, text: &str) -> Result<()> {
-    let (Some(dir), Some(base)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Err(Error::failed(format!(
-            "cannot write metrics to {}: name a file (e.g. \
-             /var/lib/prometheus/node-exporter/swtpm-keeper.prom)",
-            path.display()
-        )));
-    };
-    // Absolute, as `Dir::open` wants; its links are followed only where
-    // root alone could have made them.
-    let dir = match dir.is_absolute() {
-        true => dir.to_owned(),
-        false => std::env::current_dir()
-            .map_err(|e| Error::io("find the current directory for", path, e))?
-            .join(dir),
-    };
-    let dir = Dir::open(&dir)?;
-    let tmp = format!(".{base}.tmp-{}", std::process::id());
-    // A temporary of a dead run that had our pid.
-    dir.remove_file(&tmp)?;
-    let written = dir
-        .write_new(&tmp, text.as_bytes(), 0o644, None)
-        .and_then(|()| dir.rename(&tmp, base, Rename::Replace));
-    if let Err(e) = written {
-        let _ = dir.remove_file(&tmp);
-        return Err(e);
-    }
-    dir.sync()
+    fsutil::replace_at(path, text.as_bytes(), 0o644).map(drop)
 }
 
 /// `swtpm-keeper metrics [-o FILE]`: exit 0 when written.
